@@ -1,0 +1,123 @@
+"""Metrics: summed on device per batch, normalised on the host, written as JSON lines and plotted.
+
+Train and eval steps return small dicts of *sums* (`loss_sum`, `weight_sum`, `correct`, ...), so
+metrics of batches with padding rows or tokens combine exactly: the mean over real tokens is
+sum(loss) / sum(weights), never a mean of per-batch means.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from typing import Iterable, Mapping
+
+import numpy as np
+
+
+def perplexity(nll_sum: float, token_count: float) -> float:
+  """exp(mean negative log-likelihood over real target tokens); inf when the mean overflows."""
+  if token_count <= 0:
+    raise ValueError("perplexity needs at least one real target token")
+  mean = nll_sum / token_count
+  return math.exp(mean) if mean < 700 else math.inf
+
+
+def accumulate(total: dict | None, batch_metrics: Mapping) -> dict:
+  """Adds one batch's metric sums (device or numpy scalars/arrays) into a host-side total."""
+  batch = {k: np.asarray(v, dtype=np.float64) for k, v in batch_metrics.items()}
+  if total is None:
+    return batch
+  return {k: total[k] + batch[k] for k in total}
+
+
+def summarize(total: Mapping) -> dict:
+  """Turns metric sums into the numbers users read: loss, perplexity (LM), accuracy (classifier)."""
+  weight = float(total["weight_sum"])
+  out = {"loss": float(total["loss_sum"]) / max(weight, 1e-12), "count": weight}
+  if "correct" in total:
+    out["accuracy"] = float(total["correct"]) / max(weight, 1e-12)
+  else:
+    out["perplexity"] = perplexity(float(total["loss_sum"]), weight)
+  if "confusion" in total:
+    out["confusion"] = np.asarray(total["confusion"]).astype(int).tolist()
+  return out
+
+
+def unigram_perplexity(train_ids: Iterable[np.ndarray], test_ids: Iterable[np.ndarray],
+                       vocab_size: int) -> float:
+  """Perplexity of an add-one-smoothed unigram model: the floor an LM must beat to mean anything."""
+  counts = np.ones(vocab_size, dtype=np.float64)
+  for ids in train_ids:
+    counts += np.bincount(ids, minlength=vocab_size)[:vocab_size]
+  log_probs = np.log(counts / counts.sum())
+  nll, n = 0.0, 0
+  for ids in test_ids:
+    nll -= log_probs[ids].sum()
+    n += len(ids)
+  return perplexity(nll, n)
+
+
+class MetricsWriter:
+  """Appends one JSON object per line to `{workdir}/metrics.jsonl` and plots it to PNG.
+
+  Appending keeps every earlier line intact when a run is resumed; each line is flushed as written,
+  so an interrupted run loses at most the line being written.
+  """
+
+  def __init__(self, workdir: str | os.PathLike, filename: str = "metrics.jsonl"):
+    self.path = pathlib.Path(workdir) / filename
+
+  def write(self, record: Mapping) -> None:
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(_jsonable(record)) + "\n")
+
+  def read(self) -> list[dict]:
+    if not self.path.exists():
+      return []
+    with open(self.path, encoding="utf-8") as f:
+      return [json.loads(line) for line in f if line.strip()]
+
+  def plot(self, png_path: str | os.PathLike, keys: Iterable[str]) -> pathlib.Path | None:
+    """One panel per metric key, train and eval curves over steps; returns the PNG path."""
+    records = self.read()
+    keys = [k for k in keys if any(k in r for r in records)]
+    if not keys:
+      return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+      for split in sorted({r.get("split", "train") for r in records}):
+        points = [(r["step"], r[key]) for r in records
+                  if r.get("split", "train") == split and key in r and math.isfinite(r[key])]
+        if points:
+          steps, values = zip(*points)
+          ax.plot(steps, values, marker="o" if split != "train" else None, label=split)
+      ax.set_xlabel("step")
+      ax.set_title(key)
+      if key == "perplexity":
+        ax.set_yscale("log")
+      ax.legend()
+    fig.tight_layout()
+    png_path = pathlib.Path(png_path)
+    tmp = png_path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path
+
+
+def _jsonable(value):
+  if isinstance(value, Mapping):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  if isinstance(value, (np.floating, np.integer)):
+    return value.item()
+  if hasattr(value, "item") and getattr(value, "shape", None) == ():
+    return value.item()
+  return value

@@ -1,0 +1,113 @@
+"""Pure train and eval steps, jitted once per model, optimizer and trainable mask.
+
+A step is `train_step(state, batch, carry) -> (state, metrics, carry)`:
+- `state` is a `TrainState` pytree (step, params, opt_state, rng) and is donated, so params are
+  updated in place on every backend;
+- `batch` is a dict of arrays (see jaxlm/batching.py), sharded along its leading axis when several
+  devices are used - the same code runs on one CPU, 8 simulated CPUs, a GPU or a TPU slice;
+- `carry` is the LSTM state carried between consecutive batches in stream-mode LM training
+  (None otherwise);
+- `metrics` are sums (see jaxlm/metrics.py), normalised on the host.
+
+Losses are written once per task (`lm_loss`, `classifier_loss`) and plugged into the same step
+builder. Freezing works by differentiating only the trainable partition of the params: frozen
+leaves enter the loss as constants, so XLA never builds their backward pass.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxlm.train import strategies
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key data, so checkpoints need no typed-key support
+
+
+def create_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.key_data(jax.random.key(seed)))
+
+
+# A loss function maps (params, batch, carry, rng, train) -> (loss_sum, metric sums, new carry).
+LossFn = Callable[..., tuple[jax.Array, dict, Any]]
+
+
+def lm_loss(model) -> LossFn:
+  """Per-token NLL summed over real (weight 1) target tokens; padding contributes nothing."""
+
+  def loss(params, batch, carry, rng, train):
+    nll, final_state = model.apply(
+        {"params": params}, batch["inputs"], batch["targets"], batch["lengths"],
+        deterministic=not train, initial_state=carry, rngs={"dropout": rng} if train else None)
+    weights = batch["weights"]
+    loss_sum = jnp.sum(nll * weights)
+    metrics = {"loss_sum": loss_sum, "weight_sum": jnp.sum(weights)}
+    new_carry = None if carry is None else jax.lax.stop_gradient(final_state)
+    return loss_sum, metrics, new_carry
+
+  return loss
+
+
+def classifier_loss(model, loss_kind: str, num_classes: int) -> LossFn:
+  """BCE-with-logits on one logit (seeds 002/003) or softmax cross-entropy (seed 000)."""
+
+  def loss(params, batch, carry, rng, train):
+    logits = model.apply({"params": params}, batch["tokens"], batch["lengths"],
+                         deterministic=not train, rngs={"dropout": rng} if train else None)
+    labels, weights = batch["labels"], batch["weights"]
+    if loss_kind == "bce":
+      logit = logits[:, 0]
+      per_example = optax.sigmoid_binary_cross_entropy(logit, labels.astype(logit.dtype))
+      predictions = (logit > 0).astype(jnp.int32)
+    else:
+      per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+      predictions = jnp.argmax(logits, axis=-1)
+    loss_sum = jnp.sum(per_example * weights)
+    confusion = jnp.zeros((num_classes, num_classes), jnp.float32).at[labels, predictions].add(weights)
+    metrics = {"loss_sum": loss_sum, "weight_sum": jnp.sum(weights),
+               "correct": jnp.sum((predictions == labels) * weights), "confusion": confusion}
+    return loss_sum, metrics, carry
+
+  return loss
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, trainable_mask=None):
+  """Builds the jitted train step; `trainable_mask` (a bool pytree like params) freezes the rest."""
+
+  def train_step(state: TrainState, batch, carry=None):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    trainable, frozen = strategies.split_params(state.params, trainable_mask)
+
+    def objective(trainable_params):
+      params = strategies.merge_params(trainable_params, frozen)
+      loss_sum, metrics, new_carry = loss_fn(params, batch, carry, rng, True)
+      return loss_sum / jnp.maximum(metrics["weight_sum"], 1.0), (metrics, new_carry)
+
+    grads, (metrics, new_carry) = jax.grad(objective, has_aux=True)(trainable)
+    grads = strategies.merge_params(grads, strategies.zeros_like_frozen(frozen))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics, new_carry
+
+  return jax.jit(train_step, donate_argnums=(0,))
+
+
+def make_eval_step(loss_fn: LossFn):
+  """Jitted eval step: deterministic forward pass, metric sums only."""
+
+  def eval_step(params, batch, carry=None):
+    _, metrics, new_carry = loss_fn(params, batch, carry, None, False)
+    return metrics, new_carry
+
+  return jax.jit(eval_step)
