@@ -69,6 +69,7 @@ def _train() -> ml_collections.ConfigDict:
       log_every_steps=20,
       max_to_keep=2,
       eval_max_batches=0,      # 0 = whole held-out split
+      num_devices=0,           # data parallelism over this many devices; 0 = all visible
   ))
 
 

@@ -1,0 +1,27 @@
+"""Seed 001 on real IMDB: a word-level 2-layer LSTM LM on train + unsup review text.
+
+    jaxlm pretrain --config configs/imdb_lm.py --workdir runs/imdb_lm \
+        --config.data.source=jsonl:../shared/data/imdb
+
+The test reviews are never trained on: they only measure perplexity (`jaxlm evaluate`).
+"""
+from jaxlm.config import lm_config
+
+
+def get_config():
+  config = lm_config()
+  config.data.source = "tfds:imdb_reviews"
+  config.data.train_split = "train+unsup"
+  config.data.valid_fraction = 0.01
+  config.data.batch_size = 64
+  config.data.max_len = 256
+  config.data.buckets = (64, 128, 256)
+  config.tokenizer.vocab_size = 20_000
+  config.tokenizer.min_freq = 3
+  config.model.update(embed_dim=256, hidden_size=512, num_layers=2, dropout_embed=0.1,
+                      dropout_hidden=0.2, dropout_output=0.2, output="adaptive",
+                      adaptive_cutoffs=(2000, 8000))
+  config.optim.update(learning_rate=2e-3, schedule="cosine", warmup_steps=200, grad_clip=0.25)
+  config.train.update(num_epochs=1, log_every_steps=50, eval_every_steps=1000,
+                      checkpoint_every_steps=500, eval_max_batches=50)
+  return config

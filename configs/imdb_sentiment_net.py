@@ -1,0 +1,28 @@
+"""Seed 002: GluonNLP's SentimentNet on IMDB, its embedding and 2-layer encoder grafted from
+`configs/imdb_lm.py`, mean pooling over valid steps, one sigmoid output.
+
+    jaxlm finetune --config configs/imdb_sentiment_net.py --init-from runs/imdb_lm \
+        --workdir runs/imdb_sentnet --config.data.source=jsonl:../shared/data/imdb
+
+Model sizes must match the LM's (the graft checks and names any mismatch).
+"""
+from jaxlm.config import classifier_config
+
+
+def get_config():
+  config = classifier_config()
+  config.data.source = "tfds:imdb_reviews"
+  config.data.train_split = "train"
+  config.data.valid_fraction = 0.1
+  config.data.batch_size = 64
+  config.data.max_len = 400
+  config.data.buckets = (64, 128, 256, 400)
+  config.tokenizer.vocab_size = 20_000
+  config.tokenizer.min_freq = 3
+  config.model.update(name="sentiment_net", embed_dim=256, hidden_size=512, num_layers=2,
+                      pooling="mean", loss="bce", dropout_embed=0.1, dropout_hidden=0.2,
+                      dropout_output=0.3)
+  config.optim.update(learning_rate=1e-3, schedule="stlr", grad_clip=1.0)
+  config.train.update(num_epochs=4, log_every_steps=50)
+  config.finetune.update(strategy="gradual", discriminative_decay=2.6)
+  return config

@@ -1,0 +1,106 @@
+"""`jaxlm COMMAND`: the command line, thin over the library.
+
+    jaxlm quickstart [--workdir runs/quickstart]
+    jaxlm pretrain   --config configs/imdb_lm.py --workdir DIR [--config.data.source=jsonl:DIR]
+    jaxlm finetune   --config configs/imdb_sentiment_net.py --init-from LM_WORKDIR --workdir DIR
+    jaxlm evaluate   --workdir DIR [--split test]
+    jaxlm predict    --workdir DIR [TEXT ...]        (one text per line on stdin without TEXT)
+    jaxlm inspect    --config configs/x.py | --workdir DIR
+
+Configs follow the ml_collections convention of the Flax examples: `--config FILE` plus
+`--config.key=value` overrides. Errors a user can cause print one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+COMMANDS = ("quickstart", "pretrain", "finetune", "evaluate", "predict", "inspect")
+USAGE = __doc__
+
+
+def _define_flags(command: str):
+  from absl import flags
+  from ml_collections import config_flags
+
+  from jaxlm.config import CONFIG_DIR
+
+  default_config = str(CONFIG_DIR / "quickstart.py") if command == "quickstart" else None
+  if command in ("quickstart", "pretrain", "finetune", "inspect"):
+    config_flags.DEFINE_config_file("config", default_config, "Config file (get_config()).")
+  flags.DEFINE_string("workdir", "runs/quickstart" if command == "quickstart" else None,
+                      "Run directory: checkpoints, tokenizer, metrics, plots, summary.")
+  if command == "finetune":
+    flags.DEFINE_string("init_from", None, "Workdir of a pretrained LM to graft from (omit: from scratch).")
+  if command == "evaluate":
+    flags.DEFINE_string("split", "test", "Split of the run's data source to evaluate on.")
+    flags.DEFINE_string("which", "best", "Checkpoint: best (by validation) or latest.")
+  if command == "predict":
+    flags.DEFINE_string("which", "best", "Checkpoint: best (by validation) or latest.")
+  flags.DEFINE_bool("progress", True, "Show progress bars.")
+  return flags.FLAGS
+
+
+def _run(command: str, argv: list[str]) -> None:
+  from jaxlm import commands
+  from jaxlm.errors import ConfigError
+
+  flags = _define_flags(command)
+  rest = flags(argv)[1:]
+  needs_workdir = command != "inspect"
+  if needs_workdir and not flags.workdir:
+    raise ConfigError(f"jaxlm {command} needs --workdir DIR")
+  if command == "quickstart":
+    commands.quickstart(flags.config, flags.workdir, progress=flags.progress)
+  elif command == "pretrain":
+    commands.pretrain(_required_config(flags, command), flags.workdir, progress=flags.progress)
+  elif command == "finetune":
+    commands.finetune(_required_config(flags, command), flags.workdir, init_from=flags.init_from,
+                      progress=flags.progress)
+  elif command == "evaluate":
+    commands.evaluate(flags.workdir, split=flags.split, which=flags.which)
+  elif command == "predict":
+    texts = rest or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    commands.predict(flags.workdir, texts, which=flags.which)
+  elif command == "inspect":
+    config = flags.config if flags["config"].present else None
+    commands.inspect(config, flags.workdir)
+
+
+def _required_config(flags, command):
+  from jaxlm.errors import ConfigError
+  if flags.config is None:
+    raise ConfigError(f"jaxlm {command} needs --config FILE (see configs/)")
+  return flags.config
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(USAGE)
+    return 0
+  command = argv[1]
+  if command not in COMMANDS:
+    print(f"jaxlm: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+    return 2
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  # `--init-from` reads better on a command line; absl flag names use underscores.
+  args = [a.replace("--init-from", "--init_from", 1) if a.startswith("--init-from") else a
+          for a in argv[2:]]
+  from jaxlm.errors import JaxlmError
+  try:
+    _run(command, [f"jaxlm {command}"] + args)
+  except JaxlmError as e:
+    print(f"jaxlm {command}: error: {e}", file=sys.stderr)
+    return 2
+  except Exception as e:  # absl flag errors: bad --config.key overrides, unknown flags
+    from absl import flags as absl_flags
+    if isinstance(e, absl_flags.Error):
+      print(f"jaxlm {command}: error: {e}", file=sys.stderr)
+      return 2
+    raise
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,326 @@
+"""What each `jaxlm` command does, as plain functions (the CLI only parses flags and calls these).
+
+Bad input fails before anything is written: the config is validated and the data read and tokenized
+before the workdir is touched, so a typo in a source string leaves no half-made run behind. A
+workdir that already holds checkpoints is resumed, with the tokenizer saved in it.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import jax
+import numpy as np
+
+from jaxlm import checkpoint, config as config_lib, graft, metrics, params as params_lib
+from jaxlm import tasks, tokenizers
+from jaxlm.errors import CheckpointError, ConfigError
+from jaxlm.train import loop, steps, strategies
+
+
+def _log(msg: str) -> None:
+  print(msg, flush=True)
+
+
+def _prepare(config, workdir: pathlib.Path, kind: str, tokenizer=None):
+  """Validated config + task; the tokenizer is the workdir's when resuming, else `tokenizer` (the
+  pretrained LM's, when grafting) or a new one trained on the train split."""
+  config_lib.validate(config)
+  if config.task != kind:
+    raise ConfigError(f"config.task={config.task!r}, but this command trains a {kind}; use a config "
+                      f"built on jaxlm.config.{kind}_config() (see configs/)")
+  resuming = checkpoint.latest_step(workdir) is not None
+  if resuming:
+    tokenizer = tokenizers.load_tokenizer(workdir / "tokenizer")
+  task = tasks.build_task(config, tokenizer)
+  return task, resuming
+
+
+def _total_steps(config, task) -> int:
+  per_epoch = task.train_batches.num_batches_per_epoch
+  return config.train.max_steps or config.train.num_epochs * per_epoch
+
+
+def train(config, workdir, *, kind, init_params=None, tokenizer=None, progress=True) -> dict:
+  """Shared by pretrain and finetune: build, (resume,) fit, evaluate the best or last state."""
+  workdir = pathlib.Path(workdir)
+  task, resuming = _prepare(config, workdir, kind, tokenizer)
+  devices = loop.Devices.create(config.train.num_devices)
+  devices.check_batch_size(config.data.batch_size, "data.batch_size")
+  devices.check_batch_size(config.data.eval_batch_size, "data.eval_batch_size")
+  seed = config.train.seed
+  params = task.init_params(seed)
+  report = None
+  if init_params is not None and not resuming:
+    params, report = graft.graft(init_params, params, graft.LM_TO_CLASSIFIER)
+  plan = strategies.make_strategy(config.get("finetune"), params)
+  total_steps = _total_steps(config, task)
+  optimizers = {}
+
+  def optimizer(epoch):
+    phase = plan.phase(epoch)
+    if phase not in optimizers:
+      optimizers[phase] = strategies.build_optimizer(config.optim, params, plan, epoch, total_steps)
+    return optimizers[phase]
+
+  state = steps.create_state(params, optimizer(0), seed)
+  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.max_to_keep)
+  meta = None
+  if resuming:
+    state, meta = ckpt.restore(state)
+    _log(f"resuming {workdir} from step {int(state.step)} (epoch {meta.get('epoch', 0) + 1})")
+  else:
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint.save_config(workdir, config)
+    task.tokenizer.save(workdir / "tokenizer")
+    if report is not None:
+      (workdir / "graft_report.txt").write_text(report.format() + "\n")
+      checkpoint.write_json_atomic(workdir / "graft_report.json", report.to_json())
+      _log(report.format())
+  state = devices.replicated(state)
+
+  train_steps = {}
+
+  def train_step_for_epoch(epoch):
+    phase = plan.phase(epoch)
+    if phase not in train_steps:
+      train_steps[phase] = steps.make_train_step(task.loss_fn, optimizer(epoch),
+                                                 plan.trainable_mask(params, epoch))
+    return train_steps[phase]
+
+  def on_state_for_epoch(epoch, state):
+    if plan.num_phases == 1 or epoch == 0 or plan.phase(epoch) == plan.phase(epoch - 1):
+      return state
+    _log(f"epoch {epoch + 1}: training groups {', '.join(plan.trainable_groups(epoch))}")
+    opt_state = strategies.transfer_opt_state(state.opt_state, optimizer(epoch), state.params)
+    return state.replace(opt_state=devices.replicated(opt_state))
+
+  eval_step = steps.make_eval_step(task.loss_fn)
+
+  def evaluate(params):
+    if task.valid_batches is None:
+      return {}
+    carry = task.carry_init()() if task.stream else None
+    return tasks.evaluate_batches(eval_step, params, task.valid_batches.iter_epoch(0), devices,
+                                  carry=carry, max_batches=config.train.eval_max_batches)
+
+  hooks = loop.Hooks(
+      train_step_for_epoch=train_step_for_epoch, evaluate=evaluate, tokens_in=task.tokens_in,
+      carry_init=task.carry_init(), on_state_for_epoch=on_state_for_epoch,
+      select_metric=config.finetune.select_metric if kind == "classifier" else None)
+  writer = metrics.MetricsWriter(workdir)
+  _log(f"{kind}: {params_lib.count_params(params):,} parameters, {task.info}, "
+       f"{task.train_batches.num_batches_per_epoch} batches/epoch on {devices.count} "
+       f"{jax.devices()[0].platform} device(s)")
+  t0 = time.perf_counter()
+  state, result = loop.fit(config=config, state=state, batches=task.train_batches, hooks=hooks,
+                           checkpointer=ckpt, writer=writer, devices=devices, meta=meta,
+                           progress=progress)
+  result["train_seconds"] = time.perf_counter() - t0
+  writer.plot(workdir / "metrics.png", ["loss", "perplexity" if kind == "lm" else "accuracy"])
+  ckpt.close()
+  return {"task": task, "state": state, "result": result, "devices": devices,
+          "eval_step": eval_step, "workdir": workdir}
+
+
+def pretrain(config, workdir, *, progress=True) -> dict:
+  """Seed 001: train the LSTM LM; report held-out and test perplexity beside a unigram baseline."""
+  run = train(config, workdir, kind="lm", progress=progress)
+  task, devices = run["task"], run["devices"]
+  test = lm_test_metrics(config, task, run["eval_step"], run["state"].params, devices)
+  summary = {"command": "pretrain", "workdir": str(run["workdir"]), **test,
+             "valid": run["result"]["last_eval"], "steps": run["result"]["step"],
+             "train_seconds": run["result"]["train_seconds"], "parameters":
+             params_lib.count_params(run["state"].params), "vocab_size": task.tokenizer.vocab_size}
+  checkpoint.write_json_atomic(run["workdir"] / "summary.json", summary)
+  _log(f"test perplexity {test['test_perplexity']:.2f} (unigram baseline "
+       f"{test['unigram_perplexity']:.2f}) over {test['test_tokens']:,} tokens")
+  return summary
+
+
+def lm_test_metrics(config, task, eval_step, params, devices) -> dict:
+  """Perplexity on the test split's text (never trained on) and an add-one unigram baseline."""
+  test_texts = [r.text for r in tasks.read_split(config, config.data.test_split, labeled=False)]
+  batches = tasks.lm_batches(config, task.tokenizer, test_texts, shuffle=False, seed=0,
+                             batch_size=config.data.eval_batch_size)
+  carry = task.carry_init()() if task.stream else None
+  test = tasks.evaluate_batches(eval_step, params, batches.iter_epoch(0), devices, carry=carry)
+  targets = [b["targets"][b["weights"] > 0] for b in batches.iter_epoch(0)]
+  train_targets = [b["targets"][b["weights"] > 0] for b in task.train_batches.iter_epoch(0)]
+  unigram = metrics.unigram_perplexity(train_targets, targets, task.tokenizer.vocab_size)
+  return {"test_perplexity": test["perplexity"], "test_loss": test["loss"],
+          "test_tokens": int(test["count"]), "unigram_perplexity": unigram}
+
+
+def finetune(config, workdir, *, init_from=None, progress=True) -> dict:
+  """Seeds 000/002/003: graft an LM (optional), train with a freezing strategy, test the best state."""
+  init_params = tokenizer = None
+  if init_from is not None:
+    init_from = pathlib.Path(init_from)
+    init_params = checkpoint.restore_params(init_from)
+    # The classifier must read text exactly as the LM did: it reuses the LM's tokenizer.
+    tokenizer = tokenizers.load_tokenizer(init_from / "tokenizer")
+  run = train(config, workdir, kind="classifier", init_params=init_params, tokenizer=tokenizer,
+              progress=progress)
+  return _classifier_summary(config, run, init_from)
+
+
+def _classifier_summary(config, run, init_from) -> dict:
+  workdir, task, devices = run["workdir"], run["task"], run["devices"]
+  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.max_to_keep)
+  best = run["result"]["best"]
+  params = run["state"].params
+  if best is not None:
+    params = checkpoint.restore_params(workdir, which="best")
+  ckpt.close()
+  test = classifier_split_metrics(config, task, run["eval_step"], params, devices,
+                                  config.data.test_split)
+  summary = {"command": "finetune", "workdir": str(workdir), "init_from": str(init_from) if init_from else None,
+             "strategy": config.finetune.strategy, "best_valid": best,
+             "test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_confusion": test["confusion"],
+             "test_examples": int(test["count"]), "majority_accuracy": test["majority_accuracy"],
+             "steps": run["result"]["step"], "train_seconds": run["result"]["train_seconds"],
+             "parameters": params_lib.count_params(params), "train_records": task.info["train_records"]}
+  checkpoint.write_json_atomic(workdir / "summary.json", summary)
+  _log(f"test accuracy {test['accuracy']:.4f} (majority class {test['majority_accuracy']:.4f}) "
+       f"on {int(test['count']):,} examples; best valid {best}")
+  return summary
+
+
+def classifier_split_metrics(config, task, eval_step, params, devices, split) -> dict:
+  records = tasks.read_split(config, split, labeled=True)
+  batches = tasks.classification_batches(config, task.tokenizer, records, shuffle=False, seed=0,
+                                         batch_size=config.data.eval_batch_size)
+  out = tasks.evaluate_batches(eval_step, params, batches.iter_epoch(0), devices)
+  train_majority = int(np.argmax(task.info["label_counts"]))
+  out["majority_accuracy"] = float(np.mean([r.label == train_majority for r in records]))
+  return out
+
+
+def _load_run(workdir, which):
+  workdir = pathlib.Path(workdir)
+  config = checkpoint.load_config(workdir)
+  tokenizer = tokenizers.load_tokenizer(workdir / "tokenizer")
+  from jaxlm import models
+  model = models.build_model(config.model, tokenizer.vocab_size)
+  params = checkpoint.restore_params(workdir, which=which)
+  return config, tokenizer, model, params
+
+
+def evaluate(workdir, *, split="test", which="best") -> dict:
+  """Accuracy, loss and confusion matrix (classifier) or perplexity (LM) from the workdir alone."""
+  config, tokenizer, model, params = _load_run(workdir, which)
+  devices = loop.Devices.create(1)
+  if config.task == "lm":
+    records = tasks.read_split(config, split, labeled=False)
+    batches = tasks.lm_batches(config, tokenizer, [r.text for r in records], shuffle=False, seed=0,
+                               batch_size=config.data.eval_batch_size)
+    eval_step = steps.make_eval_step(steps.lm_loss(model))
+    carry = model.initial_state(config.data.eval_batch_size) if config.data.lm_mode == "stream" else None
+    out = tasks.evaluate_batches(eval_step, params, batches.iter_epoch(0), devices, carry=carry)
+    _log(f"{split}: perplexity {out['perplexity']:.3f}, loss {out['loss']:.4f} over {int(out['count']):,} tokens")
+  else:
+    records = tasks.read_split(config, split, labeled=True)
+    batches = tasks.classification_batches(config, tokenizer, records, shuffle=False, seed=0,
+                                           batch_size=config.data.eval_batch_size)
+    eval_step = steps.make_eval_step(steps.classifier_loss(model, config.model.loss, config.model.num_classes))
+    out = tasks.evaluate_batches(eval_step, params, batches.iter_epoch(0), devices)
+    _log(f"{split}: accuracy {out['accuracy']:.4f}, loss {out['loss']:.4f} on {int(out['count']):,} examples")
+    _log("confusion matrix (rows = label, columns = prediction):")
+    for i, row in enumerate(out["confusion"]):
+      _log(f"  {i}: " + " ".join(f"{v:7d}" for v in row))
+  return out
+
+
+def predict(workdir, texts, *, which="best") -> list[dict]:
+  """Label and probability for each text, one JSON line each, from the workdir alone."""
+  config, tokenizer, model, params = _load_run(workdir, which)
+  if config.task != "classifier":
+    raise ConfigError(f"{workdir} holds a {config.task} run; predict needs a classifier workdir")
+  ids = tokenizer.encode_batch(list(texts))
+  out = []
+  for text, seq in zip(texts, ids):
+    seq = seq[:config.data.max_len] if len(seq) else np.array([tokenizer.pad_id], np.int32)
+    logits = model.apply({"params": params}, seq[None, :], np.array([len(seq)], np.int32))[0]
+    if config.model.loss == "bce":
+      p1 = float(jax.nn.sigmoid(logits[0]))
+      probs = [1 - p1, p1]
+    else:
+      probs = np.asarray(jax.nn.softmax(logits)).tolist()
+    label = int(np.argmax(probs))
+    out.append({"text": text, "label": label, "probability": float(probs[label])})
+    print(json.dumps(out[-1], ensure_ascii=False), flush=True)
+  return out
+
+
+def inspect(config=None, workdir=None) -> dict:
+  """Parameter tree (path, shape, dtype, count) of a config's model or a workdir's checkpoint."""
+  if workdir is not None and config is None:
+    _, _, _, params = _load_run(workdir, "latest")
+  elif config is not None:
+    config_lib.validate(config)
+    vocab_size = _vocab_size_for(config)
+    from jaxlm import models
+    model = models.build_model(config.model, vocab_size)
+    params = _abstract_params(model, config)
+  else:
+    raise ConfigError("jaxlm inspect needs --config FILE or --workdir DIR")
+  rows = params_lib.param_table(params)
+  print(params_lib.format_table(rows))
+  total = params_lib.count_params(params)
+  print(f"total trainable parameters: {total:,}")
+  return {"parameters": total}
+
+
+def _vocab_size_for(config) -> int:
+  specials = len(config.tokenizer.specials) if config.tokenizer.kind == "word" else 0
+  return config.tokenizer.vocab_size + specials
+
+
+def _abstract_params(model, config):
+  tokens = jax.ShapeDtypeStruct((2, 8), np.int32)
+  lengths = jax.ShapeDtypeStruct((2,), np.int32)
+  rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+  if config.task == "lm":
+    variables = jax.eval_shape(lambda: model.init(rngs, tokens, tokens, lengths))
+  else:
+    variables = jax.eval_shape(lambda: model.init(rngs, tokens, lengths))
+  return variables["params"]
+
+
+def quickstart(config, workdir, *, progress=True) -> dict:
+  """Pretrain -> graft -> fine-tune on few labels, vs the same classifier from scratch; one table."""
+  workdir = pathlib.Path(workdir)
+  t0 = time.perf_counter()
+  lm = pretrain(config.pretrain, workdir / "lm", progress=progress)
+  pre = finetune(config.finetune, workdir / "classifier_pretrained", init_from=workdir / "lm",
+                 progress=progress)
+  scratch = finetune(config.finetune, workdir / "classifier_scratch", progress=progress)
+  summary = {"lm": lm, "classifier_pretrained": pre, "classifier_scratch": scratch,
+             "labeled_examples": pre["train_records"], "seconds": time.perf_counter() - t0}
+  checkpoint.write_json_atomic(workdir / "summary.json", summary)
+  metrics.MetricsWriter(workdir).write({"lm_test_perplexity": lm["test_perplexity"],
+                                        "unigram_perplexity": lm["unigram_perplexity"],
+                                        "pretrained_test_accuracy": pre["test_accuracy"],
+                                        "scratch_test_accuracy": scratch["test_accuracy"],
+                                        "majority_accuracy": pre["majority_accuracy"]})
+  _log(format_quickstart_table(summary))
+  return summary
+
+
+def format_quickstart_table(s: dict) -> str:
+  lm, pre, scratch = s["lm"], s["classifier_pretrained"], s["classifier_scratch"]
+  rows = [
+      ("LM test perplexity", f"{lm['test_perplexity']:.2f}", "unigram baseline", f"{lm['unigram_perplexity']:.2f}"),
+      (f"classifier, pretrained LM ({s['labeled_examples']} labels)", f"{pre['test_accuracy']:.2%}",
+       "majority class", f"{pre['majority_accuracy']:.2%}"),
+      (f"classifier, from scratch ({s['labeled_examples']} labels)", f"{scratch['test_accuracy']:.2%}",
+       "majority class", f"{scratch['majority_accuracy']:.2%}"),
+  ]
+  width = max(len(r[0]) for r in rows)
+  lines = ["", "=" * (width + 44), f"{'jaxlm quickstart':<{width}}  {'result':>10}    {'baseline':<18}{'':>10}",
+           "-" * (width + 44)]
+  lines += [f"{a:<{width}}  {b:>10}    {c:<18}{d:>10}" for a, b, c, d in rows]
+  lines += ["=" * (width + 44), f"total {s['seconds']:.0f} s; details in summary.json, metrics.jsonl"]
+  return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""The one training loop: epochs of jitted steps, progress, periodic eval, metrics and checkpoints.
+
+Everything with a side effect happens here (or in the CLI): the steps it calls are pure. The loop is
+task-agnostic: a `Task` (jaxlm/tasks.py) supplies the batches, the loss and how to read metrics, and
+a freezing strategy supplies one train step per epoch. Rerunning on the same workdir resumes from
+the latest checkpoint: same params, optimizer state, RNG, epoch and position in the epoch's batch
+order.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxlm import metrics as metrics_lib
+from jaxlm.errors import ConfigError
+
+
+@dataclasses.dataclass
+class Devices:
+  """Data parallelism over a 1-D mesh: params replicated, batches split along their first axis."""
+  mesh: jax.sharding.Mesh
+
+  @classmethod
+  def create(cls, num_devices: int = 0) -> "Devices":
+    devices = jax.devices()
+    if num_devices:
+      if num_devices > len(devices):
+        raise ConfigError(f"config.train.num_devices={num_devices} but only {len(devices)} "
+                          f"{devices[0].platform} device(s) are visible")
+      devices = devices[:num_devices]
+    return cls(jax.sharding.Mesh(np.array(devices), ("data",)))
+
+  @property
+  def count(self) -> int:
+    return self.mesh.devices.size
+
+  def replicated(self, tree):
+    return jax.device_put(tree, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+
+  def shard_batch(self, batch):
+    sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+    return jax.device_put(batch, sharding)
+
+  def check_batch_size(self, batch_size: int, key: str) -> None:
+    if batch_size % self.count:
+      raise ConfigError(f"config.{key}={batch_size} is not divisible by the {self.count} devices "
+                        "in use; change it or set config.train.num_devices")
+
+
+@dataclasses.dataclass
+class Hooks:
+  """What the loop asks of the task and the strategy, besides the batches."""
+  train_step_for_epoch: Callable[[int], Callable]   # strategy: one jitted step per phase
+  evaluate: Callable[[Any], dict]                   # params -> summarized eval metrics
+  tokens_in: Callable[[dict], float]                # batch -> tokens processed (for tokens/s)
+  carry_init: Callable[[], Any] | None = None       # stream-mode LM state between batches
+  select_metric: str | None = None                  # keep the best checkpoint by this eval metric
+  on_state_for_epoch: Callable[[int, Any], Any] | None = None  # e.g. new optimizer state on unfreeze
+
+
+def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_lib.MetricsWriter,
+        devices: Devices, meta: dict | None = None, progress: bool = True):
+  """Trains until config.train.num_epochs (or max_steps); returns (state, last eval metrics).
+
+  `meta` is what the checkpoint restored (epoch, data position); None starts from scratch.
+  """
+  tcfg = config.train
+  meta = dict(meta or {})
+  epoch = int(meta.get("epoch", 0))
+  if meta.get("batches"):
+    batches.set_state(meta["batches"])
+  best = meta.get("best")
+  step = int(jax.device_get(state.step))
+  last_eval: dict = meta.get("last_eval", {})
+  steps_per_epoch = batches.num_batches_per_epoch
+  eval_every = tcfg.eval_every_steps or steps_per_epoch
+  ckpt_every = tcfg.checkpoint_every_steps or steps_per_epoch
+  max_steps = tcfg.max_steps or tcfg.num_epochs * steps_per_epoch
+
+  def save(force=False):
+    nonlocal best
+    record = {"epoch": epoch, "batches": batches.get_state(), "last_eval": last_eval, "best": best}
+    metric = last_eval.get(hooks.select_metric) if hooks.select_metric else None
+    checkpointer.save(step, state, record, metric=metric, force=force)
+
+  while epoch < tcfg.num_epochs and step < max_steps:
+    train_step = hooks.train_step_for_epoch(epoch)
+    if hooks.on_state_for_epoch is not None:
+      state = hooks.on_state_for_epoch(epoch, state)
+    carry = hooks.carry_init() if hooks.carry_init else None
+    total, tokens, t0 = None, 0.0, time.perf_counter()
+    bar = tqdm(total=steps_per_epoch, initial=batches.position, desc=f"epoch {epoch + 1}/{tcfg.num_epochs}",
+               disable=not progress, dynamic_ncols=True, leave=True)
+    for batch in batches.iter_epoch(epoch):
+      state, batch_metrics, carry = train_step(state, devices.shard_batch(batch), carry)
+      step += 1
+      tokens += hooks.tokens_in(batch)
+      total = metrics_lib.accumulate(total, {k: v for k, v in batch_metrics.items() if k != "grad_norm"})
+      bar.update(1)
+      if step % tcfg.log_every_steps == 0 or batches.position == steps_per_epoch:
+        summary = metrics_lib.summarize(total)
+        elapsed = time.perf_counter() - t0
+        summary.update(tokens_per_sec=tokens / max(elapsed, 1e-9),
+                       grad_norm=float(batch_metrics["grad_norm"]))
+        bar.set_postfix(_postfix(summary), refresh=False)
+        writer.write({"step": step, "epoch": epoch + 1, "split": "train", **_scalars(summary)})
+        total, tokens, t0 = None, 0.0, time.perf_counter()
+      if step % eval_every == 0 or batches.position == steps_per_epoch:
+        last_eval = hooks.evaluate(state.params)
+        writer.write({"step": step, "epoch": epoch + 1, "split": "valid", **_scalars(last_eval)})
+        bar.write(f"step {step}: valid " + ", ".join(f"{k} {v:.4g}" for k, v in _scalars(last_eval).items()))
+        if hooks.select_metric:
+          value = last_eval[hooks.select_metric]
+          if best is None or value > best["value"]:
+            best = {"value": value, "step": step, "epoch": epoch + 1}
+      if batches.position == steps_per_epoch:
+        epoch += 1
+        batches.set_state({**batches.get_state(), "epoch": epoch, "position": 0})
+      if step % ckpt_every == 0 or batches.position == 0 or step >= max_steps:
+        save()
+      if step >= max_steps:
+        break
+    bar.close()
+  save(force=True)
+  checkpointer.wait_until_finished()
+  return state, {"last_eval": last_eval, "best": best, "step": step, "epoch": epoch}
+
+
+def _scalars(summary: dict) -> dict:
+  return {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+
+
+def _postfix(summary: dict) -> dict:
+  keys = ("loss", "perplexity", "accuracy", "tokens_per_sec")
+  return {k.replace("tokens_per_sec", "tok/s"): f"{summary[k]:.4g}" for k in keys if k in summary}
