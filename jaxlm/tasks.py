@@ -10,7 +10,6 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import batching, models, tokenizers
@@ -67,17 +66,14 @@ def split_train_valid(records: list, fraction: float, seed: int) -> tuple[list, 
 
 
 def read_split(config, split: str, *, labeled: bool) -> list:
-  """Records of `split` (e.g. 'train+unsup'); `labeled` keeps only records with a label."""
+  """Records of `split` (e.g. 'train+unsup'); `labeled` keeps only labeled records and checks that
+  every label is one of the configured classes (the error names the file and record)."""
   source = sources.open_source(config.data.source)
-  records = source.read(split)
-  if labeled:
-    records = [r for r in records if r.label >= 0]
-    if not records:
-      raise DataError(f"{config.data.source} split {split!r} has no labeled records")
-    bad = [r for r in records if r.label >= config.model.num_classes]
-    if bad:
-      raise DataError(f"{config.data.source} split {split!r}: label {bad[0].label} is outside the "
-                      f"configured {config.model.num_classes} classes (config.model.num_classes)")
+  if not labeled:
+    return source.read(split)
+  records = [r for r in source.read(split, num_classes=config.model.num_classes) if r.label >= 0]
+  if not records:
+    raise DataError(f"{config.data.source} split {split!r} has no labeled records")
   return records
 
 

@@ -71,38 +71,39 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
   """
   tcfg = config.train
   meta = dict(meta or {})
-  epoch = int(meta.get("epoch", 0))
   if meta.get("batches"):
     batches.set_state(meta["batches"])
   best = meta.get("best")
-  step = int(jax.device_get(state.step))
   last_eval: dict = meta.get("last_eval", {})
+  step = int(jax.device_get(state.step))
   steps_per_epoch = batches.num_batches_per_epoch
   eval_every = tcfg.eval_every_steps or steps_per_epoch
   ckpt_every = tcfg.checkpoint_every_steps or steps_per_epoch
   max_steps = tcfg.max_steps or tcfg.num_epochs * steps_per_epoch
 
   def save(force=False):
-    nonlocal best
-    record = {"epoch": epoch, "batches": batches.get_state(), "last_eval": last_eval, "best": best}
+    record = {"epoch": batches.epoch, "batches": batches.get_state(), "last_eval": last_eval,
+              "best": best}
     metric = last_eval.get(hooks.select_metric) if hooks.select_metric else None
     checkpointer.save(step, state, record, metric=metric, force=force)
 
-  while epoch < tcfg.num_epochs and step < max_steps:
+  while batches.epoch < tcfg.num_epochs and step < max_steps:
+    epoch = batches.epoch
     train_step = hooks.train_step_for_epoch(epoch)
     if hooks.on_state_for_epoch is not None:
       state = hooks.on_state_for_epoch(epoch, state)
     carry = hooks.carry_init() if hooks.carry_init else None
     total, tokens, t0 = None, 0.0, time.perf_counter()
-    bar = tqdm(total=steps_per_epoch, initial=batches.position, desc=f"epoch {epoch + 1}/{tcfg.num_epochs}",
-               disable=not progress, dynamic_ncols=True, leave=True)
+    bar = tqdm(total=steps_per_epoch, initial=batches.index, desc=f"epoch {epoch + 1}/{tcfg.num_epochs}",
+               disable=not progress, dynamic_ncols=True, mininterval=1.0)
     for batch in batches.iter_epoch(epoch):
       state, batch_metrics, carry = train_step(state, devices.shard_batch(batch), carry)
       step += 1
+      epoch_done = batches.epoch != epoch
       tokens += hooks.tokens_in(batch)
       total = metrics_lib.accumulate(total, {k: v for k, v in batch_metrics.items() if k != "grad_norm"})
       bar.update(1)
-      if step % tcfg.log_every_steps == 0 or batches.position == steps_per_epoch:
+      if step % tcfg.log_every_steps == 0 or epoch_done:
         summary = metrics_lib.summarize(total)
         elapsed = time.perf_counter() - t0
         summary.update(tokens_per_sec=tokens / max(elapsed, 1e-9),
@@ -110,25 +111,23 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
         bar.set_postfix(_postfix(summary), refresh=False)
         writer.write({"step": step, "epoch": epoch + 1, "split": "train", **_scalars(summary)})
         total, tokens, t0 = None, 0.0, time.perf_counter()
-      if step % eval_every == 0 or batches.position == steps_per_epoch:
+      if step % eval_every == 0 or epoch_done or step >= max_steps:
         last_eval = hooks.evaluate(state.params)
-        writer.write({"step": step, "epoch": epoch + 1, "split": "valid", **_scalars(last_eval)})
-        bar.write(f"step {step}: valid " + ", ".join(f"{k} {v:.4g}" for k, v in _scalars(last_eval).items()))
-        if hooks.select_metric:
+        if last_eval:
+          writer.write({"step": step, "epoch": epoch + 1, "split": "valid", **_scalars(last_eval)})
+          bar.write(f"step {step}: valid " + ", ".join(f"{k} {v:.4g}" for k, v in _scalars(last_eval).items()
+                                                        if k != "count"))
+        if hooks.select_metric and last_eval:
           value = last_eval[hooks.select_metric]
           if best is None or value > best["value"]:
             best = {"value": value, "step": step, "epoch": epoch + 1}
-      if batches.position == steps_per_epoch:
-        epoch += 1
-        batches.set_state({**batches.get_state(), "epoch": epoch, "position": 0})
-      if step % ckpt_every == 0 or batches.position == 0 or step >= max_steps:
+      if step % ckpt_every == 0 or epoch_done or step >= max_steps:
         save()
       if step >= max_steps:
         break
     bar.close()
-  save(force=True)
   checkpointer.wait_until_finished()
-  return state, {"last_eval": last_eval, "best": best, "step": step, "epoch": epoch}
+  return state, {"last_eval": last_eval, "best": best, "step": step, "epoch": batches.epoch}
 
 
 def _scalars(summary: dict) -> dict:
