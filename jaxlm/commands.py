@@ -23,6 +23,13 @@ def _log(msg: str) -> None:
   print(msg, flush=True)
 
 
+def _latest_step(workdir: pathlib.Path):
+  if not (workdir / "checkpoints").is_dir():
+    return None
+  with checkpoint.Checkpointer(workdir, read_only=True) as ckpt:
+    return ckpt.latest_step()
+
+
 def _prepare(config, workdir: pathlib.Path, kind: str, tokenizer=None):
   """Validated config + task; the tokenizer is the workdir's when resuming, else `tokenizer` (the
   pretrained LM's, when grafting) or a new one trained on the train split."""
@@ -30,7 +37,7 @@ def _prepare(config, workdir: pathlib.Path, kind: str, tokenizer=None):
   if config.task != kind:
     raise ConfigError(f"config.task={config.task!r}, but this command trains a {kind}; use a config "
                       f"built on jaxlm.config.{kind}_config() (see configs/)")
-  resuming = checkpoint.latest_step(workdir) is not None
+  resuming = _latest_step(workdir) is not None
   if resuming:
     tokenizer = tokenizers.load_tokenizer(workdir / "tokenizer")
   task = tasks.build_task(config, tokenizer)
@@ -65,10 +72,12 @@ def train(config, workdir, *, kind, init_params=None, tokenizer=None, progress=T
     return optimizers[phase]
 
   state = steps.create_state(params, optimizer(0), seed)
-  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.max_to_keep)
+  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.max_to_keep,
+                                 best_metric=config.finetune.select_metric if kind == "classifier" else None)
   meta = None
   if resuming:
-    state, meta = ckpt.restore(state)
+    restored, meta = ckpt.restore(loop.state_dict(state))
+    state = steps.TrainState(**restored)
     _log(f"resuming {workdir} from step {int(state.step)} (epoch {meta.get('epoch', 0) + 1})")
   else:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -217,7 +226,7 @@ def evaluate(workdir, *, split="test", which="best") -> dict:
     batches = tasks.lm_batches(config, tokenizer, [r.text for r in records], shuffle=False, seed=0,
                                batch_size=config.data.eval_batch_size)
     eval_step = steps.make_eval_step(steps.lm_loss(model))
-    carry = model.initial_state(config.data.eval_batch_size) if config.data.lm_mode == "stream" else None
+    carry = tasks.zero_state(config.model, config.data.eval_batch_size) if config.data.lm_mode == "stream" else None
     out = tasks.evaluate_batches(eval_step, params, batches.iter_epoch(0), devices, carry=carry)
     _log(f"{split}: perplexity {out['perplexity']:.3f}, loss {out['loss']:.4f} over {int(out['count']):,} tokens")
   else:

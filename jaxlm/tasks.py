@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import batching, models, tokenizers
@@ -50,7 +51,13 @@ class Task:
     if not self.stream:
       return None
     batch_size = self.train_batches.batch_size
-    return lambda: self.model.initial_state(batch_size)
+    return lambda: zero_state(self.model, batch_size)
+
+
+def zero_state(model_cfg, batch_size: int):
+  """All-zero LSTM state, a (c, h) pair per layer: the start of stream-mode LM training."""
+  zeros = jnp.zeros((batch_size, model_cfg.hidden_size), jnp.float32)
+  return tuple((zeros, zeros) for _ in range(model_cfg.num_layers))
 
 
 def split_train_valid(records: list, fraction: float, seed: int) -> tuple[list, list]:

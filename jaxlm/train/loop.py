@@ -81,11 +81,10 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
   ckpt_every = tcfg.checkpoint_every_steps or steps_per_epoch
   max_steps = tcfg.max_steps or tcfg.num_epochs * steps_per_epoch
 
-  def save(force=False):
+  def save():
     record = {"epoch": batches.epoch, "batches": batches.get_state(), "last_eval": last_eval,
               "best": best}
-    metric = last_eval.get(hooks.select_metric) if hooks.select_metric else None
-    checkpointer.save(step, state, record, metric=metric, force=force)
+    checkpointer.save(step, state_dict(state), record, metrics=last_eval)
 
   while batches.epoch < tcfg.num_epochs and step < max_steps:
     epoch = batches.epoch
@@ -128,6 +127,11 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
     bar.close()
   checkpointer.wait_until_finished()
   return state, {"last_eval": last_eval, "best": best, "step": step, "epoch": batches.epoch}
+
+
+def state_dict(state) -> dict:
+  """The checkpointed form of a TrainState: a plain dict, as jaxlm/checkpoint.py stores it."""
+  return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "rng": state.rng}
 
 
 def _scalars(summary: dict) -> dict:

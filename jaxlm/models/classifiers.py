@@ -1,0 +1,114 @@
+"""Sequence classifiers: embed -> LSTM encoder -> masked pooling -> head.
+
+Submodules `embed` (nn.Embed) and `encoder` (LSTMEncoder) have the language model's names and
+classes, so an LM's weights graft in by path (jaxlm/graft.py); `head` is new.
+
+Padding never changes an output: the encoder stops every row at its length (its final state is
+the state at the last valid step, outputs past it are 0), and every pooling applies the length
+mask itself rather than trusting zeros (a max over zeros is not a max over the row).
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm.models.lstm import LSTMEncoder
+
+Array = jax.Array
+POOLINGS = ("last", "mean", "max", "concat")
+
+
+def masked_pool(outputs: Array, last: Array, lengths: Array, pooling: str) -> Array:
+  """Pools encoder `outputs [B,T,D]` over each row's valid steps only.
+
+  `last [B,D]` is the encoder's final hidden state (for a bidirectional encoder: forward at the
+  last valid step, backward at step 0). `concat` is ULMFiT's `[last, max, mean]`.
+  """
+  if pooling == "last":
+    return last
+  valid = (jnp.arange(outputs.shape[1])[None, :] < lengths[:, None])[..., None]  # [B,T,1]
+  count = jnp.maximum(lengths, 1).astype(outputs.dtype)[:, None]
+  mean = jnp.sum(jnp.where(valid, outputs, 0), axis=1) / count
+  if pooling == "mean":
+    return mean
+  neg_inf = jnp.finfo(outputs.dtype).min
+  peak = jnp.max(jnp.where(valid, outputs, neg_inf), axis=1)
+  peak = jnp.where(lengths[:, None] > 0, peak, 0)  # an empty row pools to 0, not to -inf
+  if pooling == "max":
+    return peak
+  if pooling == "concat":
+    return jnp.concatenate([last, peak, mean], axis=-1)
+  raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+
+
+class MLPHead(nn.Module):
+  """ULMFiT-style head: dropout -> Dense(hidden) -> ReLU -> dropout -> Dense(num_outputs).
+
+  ULMFiT also batch-normalises; left out so the train step needs no mutable batch statistics.
+  """
+  hidden: int
+  num_outputs: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, *, deterministic=True):
+    x = nn.Dense(self.hidden, name="hidden")(x)
+    x = nn.Dropout(self.dropout)(nn.relu(x), deterministic=deterministic)
+    return nn.Dense(self.num_outputs, name="out")(x)
+
+
+class LSTMClassifier(nn.Module):
+  """Seeds 000/003: embed -> LSTMEncoder -> last valid hidden state -> Dense(num_outputs).
+
+  `num_outputs` is 1 for BCE-with-logits, num_classes for softmax cross-entropy. Other poolings
+  and an MLP head (`head_hidden > 0`) are options; `SentimentNet` is this with mean pooling.
+  Dropout: `dropout_embed` on embeddings, `dropout_hidden` between LSTM layers (nn.LSTM's
+  `dropout`), `dropout_output` on the pooled features; `variational` shares the embedding and
+  between-layer masks over time and `weight_drop` is DropConnect on W_hh, as in the LM (AWD-LSTM).
+  All need the 'dropout' rng when training.
+
+  `__call__(tokens [B,T], lengths [B], *, deterministic=True) -> logits [B, num_outputs]`.
+  """
+  vocab_size: int
+  embed_dim: int = 100
+  hidden_size: int = 256
+  num_layers: int = 1
+  num_outputs: int = 1
+  bidirectional: bool = False
+  pooling: str = "last"
+  dropout_embed: float = 0.0
+  dropout_hidden: float = 0.0
+  dropout_output: float = 0.0
+  head_hidden: int = 0
+  variational: bool = False
+  weight_drop: float = 0.0
+  impl: str = "fused"
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: Array, lengths: Array, *, deterministic: bool = True) -> Array:
+    if self.pooling not in POOLINGS:
+      raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+    lengths = jnp.asarray(lengths, jnp.int32)
+    x = nn.Embed(self.vocab_size, self.embed_dim, param_dtype=self.param_dtype, name="embed")(tokens)
+    dims = (1,) if self.variational else ()
+    x = nn.Dropout(self.dropout_embed, broadcast_dims=dims)(x, deterministic=deterministic)
+    outputs, states = LSTMEncoder(
+        self.num_layers, self.hidden_size, dropout=self.dropout_hidden,
+        bidirectional=self.bidirectional, variational=self.variational,
+        weight_drop=self.weight_drop, impl=self.impl, param_dtype=self.param_dtype,
+        name="encoder")(x, lengths, deterministic=deterministic)
+    features = masked_pool(outputs, states[-1][1], lengths, self.pooling)
+    features = nn.Dropout(self.dropout_output)(features, deterministic=deterministic)
+    if self.head_hidden > 0:
+      return MLPHead(self.head_hidden, self.num_outputs, self.dropout_output, name="head")(
+          features, deterministic=deterministic)
+    return nn.Dense(self.num_outputs, param_dtype=self.param_dtype, name="head")(features)
+
+
+class SentimentNet(LSTMClassifier):
+  """Seed 002 (GluonNLP): the LM's embedding and 2-layer LSTM, mean over valid steps, dropout,
+  Dense to one logit (sigmoid/BCE) or num_classes."""
+  num_layers: int = 2
+  pooling: str = "mean"

@@ -1,0 +1,301 @@
+"""LSTM language model (AWD-LSTM style) with a full, sampled or adaptive softmax output.
+
+Why several outputs: on a CPU the output layer, not the LSTM, decides what a step costs (a Dense
+to a 10k-25k vocabulary plus its softmax is ~75% of a step, PERF-NOTES.md). So:
+- `output='full'`: exact softmax over the vocabulary, train and eval.
+- `output='sampled'`: sampled softmax during training (shared log-uniform negatives, log-Q
+  corrected, accidental hits removed); a biased but cheap training loss. Evaluation
+  (`deterministic=True`) always uses the full softmax, so reported perplexities are exact.
+  Assumes ids are ordered by frequency (the word tokenizer's vocabulary is, after the specials).
+- `output='adaptive'`: adaptive softmax (Grave et al. 2017): a head over the frequent words plus
+  one logit per tail cluster, tails through a projection `div_value**(i+1)` times smaller. It is a
+  different, exactly normalised model, so train and eval NLL are both exact likelihoods.
+  Tails are computed densely for every position: static shapes, no gathers (what XLA likes).
+
+Submodules: `embed` (nn.Embed), `encoder` (LSTMEncoder), `decoder`:
+- full/sampled, untied: `decoder/{kernel [H,V], bias [V]}` (nn.Dense's names and layout).
+- tied: `decoder/bias [V]` (+ `decoder/proj/kernel [H,E]` when hidden_size != embed_dim); the
+  output matrix is `embed/embedding`.
+- adaptive: `decoder/head/{kernel,bias}`, `decoder/tail_i/{proj/kernel, out/{kernel,bias}}`.
+
+Dropout (AWD-LSTM names in brackets), all with the 'dropout' rng and only when not deterministic:
+`dropout_words` [dropoute] drops whole words' embeddings, `dropout_embed` [dropouti] on the
+embedding outputs, `dropout_hidden` [dropouth] between LSTM layers, `dropout_output` [dropout] on
+the last LSTM output, `weight_drop` [wdrop] DropConnect on W_hh. With `variational=True` the
+masks are shared over time steps. The sampled softmax draws its negatives from the 'dropout' rng
+too, so a train step needs no extra rng stream.
+"""
+import math
+from typing import Any, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm.models.lstm import LSTMEncoder
+
+Array = jax.Array
+OUTPUTS = ("full", "sampled", "adaptive")
+
+
+def _full_nll(logits: Array, targets: Array) -> Array:
+  """Per-token NLL of a full softmax, numerically stable (logsumexp - target logit)."""
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  tgt = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return lse - tgt
+
+
+def log_uniform_log_prob(ids: Array, vocab_size: int) -> Array:
+  """log Q(k) of the log-uniform (Zipf) proposal P(k) = log((k+2)/(k+1)) / log(V+1)."""
+  ids = ids.astype(jnp.float32)
+  return jnp.log(jnp.log1p(1.0 / (ids + 1.0)) / math.log(vocab_size + 1.0))
+
+
+def sample_log_uniform(key, num_sampled: int, vocab_size: int) -> Array:
+  """Draw ids from the log-uniform proposal by inverting its CDF (with replacement)."""
+  u = jax.random.uniform(key, (num_sampled,))
+  ids = jnp.floor(jnp.exp(u * math.log(vocab_size + 1.0))).astype(jnp.int32) - 1
+  return jnp.clip(ids, 0, vocab_size - 1)
+
+
+class SoftmaxDecoder(nn.Module):
+  """Full (and sampled) softmax output layer; optionally tied to the embedding matrix."""
+  vocab_size: int
+  hidden_size: int
+  embed_dim: int
+  tied: bool = False
+  num_sampled: int = 0
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    if self.tied:
+      if self.hidden_size != self.embed_dim:
+        self.proj = nn.Dense(self.embed_dim, use_bias=False, param_dtype=self.param_dtype)
+    else:
+      bound = 1.0 / math.sqrt(self.hidden_size)  # nn.Linear's default init
+      self.kernel = self.param("kernel", _uniform(bound), (self.hidden_size, self.vocab_size),
+                               self.param_dtype)
+    self.bias = self.param("bias", nn.initializers.zeros, (self.vocab_size,), self.param_dtype)
+
+  def _features_and_weights(self, h, embedding):
+    """Returns (features [..., D], output matrix W [D, V] or None, embedding [V, D] or None)."""
+    if self.tied:
+      if self.hidden_size != self.embed_dim:
+        h = self.proj(h)
+      return h, None, embedding
+    return h, self.kernel, None
+
+  def logits(self, h: Array, embedding: Optional[Array] = None) -> Array:
+    h, w, emb = self._features_and_weights(h, embedding)
+    if w is not None:
+      out = jnp.einsum("btd,dv->btv", h, w.astype(h.dtype))
+    else:
+      out = jnp.einsum("btd,vd->btv", h, emb.astype(h.dtype))
+    return out.astype(jnp.float32) + self.bias.astype(jnp.float32)
+
+  def nll(self, h, targets, embedding=None, *, deterministic=True):
+    if deterministic or self.num_sampled <= 0:
+      return _full_nll(self.logits(h, embedding), targets)
+    return self._sampled_nll(h, targets, embedding)
+
+  def _sampled_nll(self, h, targets, embedding):
+    """Sampled softmax: one set of K negatives for the whole batch, log-Q corrected.
+
+    Why shared negatives: the sampled logits are then one [N, D] x [D, K] matmul instead of a
+    gather per token. Accidental hits (a negative equal to the target) are masked out.
+    """
+    V = self.vocab_size
+    h, w, emb = self._features_and_weights(h, embedding)
+    samples = sample_log_uniform(self.make_rng("dropout"), self.num_sampled, V)
+    if w is not None:
+      w_s = jnp.take(w, samples, axis=1)                       # [D, K]
+      w_t = jnp.take(w, targets, axis=1)                       # [D, B, T]
+      s_logits = jnp.einsum("btd,dk->btk", h, w_s.astype(h.dtype))
+      t_logits = jnp.einsum("btd,dbt->bt", h, w_t.astype(h.dtype))
+    else:
+      e_s = jnp.take(emb, samples, axis=0)                     # [K, D]
+      e_t = jnp.take(emb, targets, axis=0)                     # [B, T, D]
+      s_logits = jnp.einsum("btd,kd->btk", h, e_s.astype(h.dtype))
+      t_logits = jnp.sum(h * e_t.astype(h.dtype), axis=-1)
+    b = self.bias.astype(jnp.float32)
+    s_logits = (s_logits.astype(jnp.float32) + b[samples]
+                - log_uniform_log_prob(samples, V))
+    t_logits = (t_logits.astype(jnp.float32) + b[targets]
+                - log_uniform_log_prob(targets, V))
+    hit = samples[None, None, :] == targets[..., None]
+    s_logits = jnp.where(hit, -1e30, s_logits)
+    all_logits = jnp.concatenate([t_logits[..., None], s_logits], axis=-1)
+    return jax.nn.logsumexp(all_logits, axis=-1) - t_logits
+
+
+def _uniform(bound):
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+class _Tail(nn.Module):
+  """One adaptive-softmax tail cluster: H -> d (no bias) -> cluster size."""
+  dim: int
+  size: int
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    self.proj = nn.Dense(self.dim, use_bias=False, param_dtype=self.param_dtype)
+    self.out = nn.Dense(self.size, param_dtype=self.param_dtype)
+
+  def __call__(self, h):
+    return self.out(self.proj(h)).astype(jnp.float32)
+
+
+class AdaptiveSoftmax(nn.Module):
+  """Adaptive softmax (Grave et al.): exact, normalised log-probs at a fraction of the flops.
+
+  `cutoffs` are increasing ids `0 < c_1 < ... < V`; the head covers `[0, c_1)` plus one logit
+  per tail cluster `[c_i, c_{i+1})`, whose projection has `hidden_size / div_value**(i+1)` dims.
+  """
+  vocab_size: int
+  hidden_size: int
+  cutoffs: Sequence[int]
+  div_value: float = 4.0
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    cuts = list(self.cutoffs)
+    if not cuts or cuts != sorted(cuts) or cuts[0] <= 0 or cuts[-1] >= self.vocab_size:
+      raise ValueError(f"adaptive cutoffs must increase within (0, {self.vocab_size}): {cuts}")
+    bounds = cuts + [self.vocab_size]
+    self.head = nn.Dense(cuts[0] + len(cuts), param_dtype=self.param_dtype)
+    self.tail = [
+        _Tail(max(1, int(self.hidden_size // (self.div_value ** (i + 1)))),
+              bounds[i + 1] - bounds[i], self.param_dtype)
+        for i in range(len(cuts))]
+
+  def log_probs(self, h: Array) -> Array:
+    """Full-vocabulary log-probabilities [..., V] (they sum to 1 in probability)."""
+    c0 = self.cutoffs[0]
+    head = jax.nn.log_softmax(self.head(h).astype(jnp.float32), axis=-1)
+    parts = [head[..., :c0]]
+    for i, tail in enumerate(self.tail):
+      parts.append(head[..., c0 + i:c0 + i + 1] + jax.nn.log_softmax(tail(h), axis=-1))
+    return jnp.concatenate(parts, axis=-1)
+
+  def logits(self, h, embedding=None):
+    return self.log_probs(h)
+
+  def nll(self, h, targets, embedding=None, *, deterministic=True):
+    """-log p(target): head term plus, for tail words, the within-cluster term.
+
+    Computed per cluster with logsumexp instead of materialising the [.., V] log-probs.
+    """
+    c0 = self.cutoffs[0]
+    bounds = list(self.cutoffs) + [self.vocab_size]
+    head_logits = self.head(h).astype(jnp.float32)
+    head_lse = jax.nn.logsumexp(head_logits, axis=-1)
+    # Head index of the target: the word itself, or its cluster's logit.
+    cluster = jnp.searchsorted(jnp.asarray(self.cutoffs), targets, side="right")  # 0 = head
+    head_idx = jnp.where(cluster == 0, targets, c0 + cluster - 1)
+    nll = head_lse - jnp.take_along_axis(head_logits, head_idx[..., None], -1)[..., 0]
+    for i, tail in enumerate(self.tail):
+      logits = tail(h)
+      local = jnp.clip(targets - bounds[i], 0, bounds[i + 1] - bounds[i] - 1)
+      term = (jax.nn.logsumexp(logits, axis=-1)
+              - jnp.take_along_axis(logits, local[..., None], -1)[..., 0])
+      nll = nll + jnp.where(cluster == i + 1, term, 0.0)
+    return nll
+
+
+class LSTMLanguageModel(nn.Module):
+  """Embedding -> LSTMEncoder -> output layer; returns per-token NLL.
+
+  `__call__(inputs [B,T], targets [B,T], lengths=None, *, deterministic=True, initial_state=None)`
+  -> `(nll [B,T] float32, final_state)`. With `lengths`, nll is 0 past each row's length and the
+  final state is the state at the last real step. `method='logits'` (same arguments minus
+  targets) -> `(logits [B,T,V] float32, final_state)`; for the adaptive output these are
+  normalised log-probabilities.
+  """
+  vocab_size: int
+  embed_dim: int = 400
+  hidden_size: int = 1150
+  num_layers: int = 3
+  dropout_embed: float = 0.0
+  dropout_hidden: float = 0.0
+  dropout_output: float = 0.0
+  dropout_words: float = 0.0
+  weight_drop: float = 0.0
+  variational: bool = True
+  tie_weights: bool = False
+  output: str = "full"
+  num_sampled: int = 1024
+  adaptive_cutoffs: Sequence[int] = ()
+  adaptive_div_value: float = 4.0
+  impl: str = "fused"
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    if self.output not in OUTPUTS:
+      raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
+    self.embed = nn.Embed(self.vocab_size, self.embed_dim, param_dtype=self.param_dtype,
+                          embedding_init=_uniform(0.1))
+    self.encoder = LSTMEncoder(self.num_layers, self.hidden_size, dropout=self.dropout_hidden,
+                               variational=self.variational, weight_drop=self.weight_drop,
+                               impl=self.impl, dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.output == "adaptive":
+      if self.tie_weights:
+        raise ValueError("tie_weights is not supported with output='adaptive'")
+      self.decoder = AdaptiveSoftmax(self.vocab_size, self.hidden_size,
+                                     tuple(self.adaptive_cutoffs), self.adaptive_div_value,
+                                     self.param_dtype)
+    else:
+      self.decoder = SoftmaxDecoder(
+          self.vocab_size, self.hidden_size, self.embed_dim, tied=self.tie_weights,
+          num_sampled=self.num_sampled if self.output == "sampled" else 0,
+          param_dtype=self.param_dtype)
+    dims = (1,) if self.variational else ()
+    self.drop_embed = nn.Dropout(self.dropout_embed, broadcast_dims=dims)
+    self.drop_output = nn.Dropout(self.dropout_output, broadcast_dims=dims)
+
+  def _hidden(self, inputs, lengths, deterministic, initial_state):
+    x = self.embed(inputs)
+    if self.dropout_words > 0.0 and not deterministic:
+      keep = 1.0 - self.dropout_words
+      word_keep = jax.random.bernoulli(self.make_rng("dropout"), keep, (self.vocab_size,))
+      x = x * (word_keep[inputs][..., None] / keep).astype(x.dtype)
+    x = self.drop_embed(x, deterministic=deterministic)
+    h, state = self.encoder(x, lengths, deterministic=deterministic, initial_state=initial_state)
+    h = self.drop_output(h, deterministic=deterministic)
+    return h, state
+
+  def _embedding(self):
+    return self.embed.embedding if self.tie_weights else None
+
+  def __call__(self, inputs: Array, targets: Array, lengths: Optional[Array] = None, *,
+               deterministic: bool = True, initial_state=None) -> Tuple[Array, Any]:
+    h, state = self._hidden(inputs, lengths, deterministic, initial_state)
+    nll = self.decoder.nll(h, targets, self._embedding(), deterministic=deterministic)
+    nll = nll.astype(jnp.float32)
+    if lengths is not None:
+      valid = jnp.arange(inputs.shape[1])[None, :] < jnp.asarray(lengths)[:, None]
+      nll = jnp.where(valid, nll, 0.0)
+    return nll, state
+
+  def logits(self, inputs: Array, lengths: Optional[Array] = None, *,
+             deterministic: bool = True, initial_state=None) -> Tuple[Array, Any]:
+    h, state = self._hidden(inputs, lengths, deterministic, initial_state)
+    return self.decoder.logits(h, self._embedding()), state
+
+
+def perplexity(nll_sum, token_count) -> float:
+  """exp(total NLL / number of real tokens): the corpus perplexity, not a mean of batch ones.
+
+  Why sums: averaging per-batch perplexities (or per-batch mean NLLs over batches with different
+  numbers of real tokens) biases the result; accumulate `sum(nll * weights)` and `sum(weights)`.
+  """
+  nll_sum = float(nll_sum)
+  token_count = float(token_count)
+  if token_count <= 0:
+    raise ValueError(f"perplexity needs at least one token, got token_count={token_count}")
+  return float(np.exp(nll_sum / token_count))

@@ -1,0 +1,347 @@
+"""LSTM layers parameterised exactly like PyTorch's `nn.LSTM`.
+
+Why this layout: pretrained weights, parity tests and benchmarks all compare against PyTorch, so a
+layer holds `ih/{kernel [in,4H], bias [4H]}` (= `weight_ih.T`, `bias_ih`) and
+`hh/{kernel [H,4H], bias [4H]}` (= `weight_hh.T`, `bias_hh`), gate order i, f, g, o.
+
+Why it is fast on CPU:
+- The input projection of all time steps is one large matmul outside the recurrence (both biases
+  are folded into it); only `h @ W_hh` and the gate nonlinearities run step by step.
+- `impl='fused'` (default) runs the recurrence with a `jax.custom_vjp`: its backward is one reverse
+  `lax.scan` that only produces the gate gradients and the recurrent `dh`, and `dW_hh` is computed
+  as one einsum over all steps afterwards. Autodiff of a scan instead accumulates `dW_hh` inside the
+  loop, one small matmul per step, which measured ~20% slower on this CPU (see PERF-NOTES.md).
+- `impl='scan'` is the plain `flax.linen.scan` recurrence (weights broadcast, scanned over time),
+  differentiated by autodiff. It is the reference the fused path is tested against and what the
+  design card describes; both give the same numbers.
+
+Length awareness: given `lengths [B]`, a row's carry stops updating after its last valid step, so
+the final state is the state at the last valid step (like PyTorch packed sequences, in both
+directions), and outputs past a row's length are exactly 0. A reverse layer therefore starts at
+step `length-1` of each row, like a packed bidirectional PyTorch LSTM.
+
+States are `(c, h)` tuples, each `[B, H]` (flax's LSTMCell convention).
+"""
+import functools
+import math
+from typing import Any, Callable, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+State = Tuple[Array, Array]  # (c, h)
+
+IMPLS = ("fused", "scan")
+
+
+def torch_uniform(hidden_size: int) -> Callable:
+  """PyTorch's LSTM init, U(-1/sqrt(H), 1/sqrt(H)) for every weight and bias.
+
+  Why: a model trained with the same init as the PyTorch reference behaves the same early on,
+  which makes side-by-side training curves comparable.
+  """
+  bound = 1.0 / math.sqrt(hidden_size)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class _Affine(nn.Module):
+  """Holds `kernel [in, features]` and `bias [features]` (nn.Dense's names) and returns them.
+
+  Why not nn.Dense: the layer needs the raw weights (to fold biases, apply weight drop, and hand
+  W_hh to the fused recurrence), while keeping the same parameter paths as nn.Dense.
+  """
+  features: int
+  init_fn: Callable
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, in_features: int) -> Tuple[Array, Array]:
+    kernel = self.param("kernel", self.init_fn, (in_features, self.features), self.param_dtype)
+    bias = self.param("bias", self.init_fn, (self.features,), self.param_dtype)
+    return kernel, bias
+
+
+def _cell(z: Array, c_prev: Array):
+  """Gate nonlinearities for pre-activations `z [B,4H]` (i, f, g, o)."""
+  i, f, g, o = jnp.split(z, 4, axis=-1)
+  i = jax.nn.sigmoid(i)
+  f = jax.nn.sigmoid(f)
+  g = jnp.tanh(g)
+  o = jax.nn.sigmoid(o)
+  c = f * c_prev + i * g
+  tc = jnp.tanh(c)
+  return i, f, g, o, c, tc, o * tc
+
+
+def _step(w_hh: Array, carry: State, xz: Array, m: Optional[Array]):
+  """One recurrent step: returns the new carry and this step's output.
+
+  Masked rows (`m` False) keep their carry and output 0.
+  """
+  c, h = carry
+  z = xz + jnp.dot(h, w_hh)
+  _, _, _, _, c_new, _, h_new = _cell(z, c)
+  if m is None:
+    return (c_new, h_new), h_new
+  mm = m[:, None]
+  return ((jnp.where(mm, c_new, c), jnp.where(mm, h_new, h)),
+          jnp.where(mm, h_new, jnp.zeros_like(h_new)))
+
+
+def _recurrence_plain(xz, mask, w_hh, c0, h0, reverse):
+  xs = (xz, mask)
+
+  def body(carry, x):
+    return _step(w_hh, carry, x[0], x[1])
+
+  (c, h), ys = jax.lax.scan(body, (c0, h0), xs, reverse=reverse)
+  return ys, c, h
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_recurrence(reverse: bool):
+  """Builds the custom-VJP recurrence for one direction.
+
+  Signature: `(xz [T,B,4H], mask [T,B] bool | None, w_hh [H,4H], c0, h0) -> (ys [T,B,H], c, h)`;
+  `xz` already contains both biases. Time-major because scan iterates over axis 0.
+  """
+
+  @jax.custom_vjp
+  def recurrence(xz, mask, w_hh, c0, h0):
+    return _recurrence_plain(xz, mask, w_hh, c0, h0, reverse)
+
+  def fwd(xz, mask, w_hh, c0, h0):
+    def body(carry, x):
+      c, h = carry
+      xz_t, m = x
+      z = xz_t + jnp.dot(h, w_hh)
+      i, f, g, o, c_new, tc, h_new = _cell(z, c)
+      acts = jnp.concatenate([i, f, g, o], axis=-1)
+      res = (h, c, acts, tc)  # h_prev, c_prev, gate activations, tanh(c_new)
+      if m is None:
+        return (c_new, h_new), (h_new, res)
+      mm = m[:, None]
+      new = (jnp.where(mm, c_new, c), jnp.where(mm, h_new, h))
+      return new, (jnp.where(mm, h_new, jnp.zeros_like(h_new)), res)
+
+    (c, h), (ys, res) = jax.lax.scan(body, (c0, h0), (xz, mask), reverse=reverse)
+    return (ys, c, h), (w_hh, mask, res)
+
+  def bwd(saved, cts):
+    w_hh, mask, (h_prev, c_prev, acts, tcs) = saved
+    dys, dc_last, dh_last = cts
+    w_t = w_hh.T
+
+    def body(carry, x):
+      dc, dh = carry
+      dy, cp, act, tc, m = x
+      i, f, g, o = jnp.split(act, 4, axis=-1)
+      if m is None:
+        dhn = dh + dy
+        dcn = dc
+      else:
+        mm = m[:, None]
+        zero = jnp.zeros_like(dh)
+        dhn = jnp.where(mm, dh + dy, zero)
+        dcn = jnp.where(mm, dc, zero)
+      do = dhn * tc
+      dcn = dcn + dhn * o * (1.0 - tc * tc)
+      dz = jnp.concatenate([
+          dcn * g * i * (1.0 - i),
+          dcn * cp * f * (1.0 - f),
+          dcn * i * (1.0 - g * g),
+          do * o * (1.0 - o),
+      ], axis=-1)
+      dc_prev = dcn * f
+      dh_prev = jnp.dot(dz, w_t)
+      if m is not None:
+        # A masked step passed its carry through unchanged; so does its gradient.
+        dc_prev = jnp.where(mm, dc_prev, dc)
+        dh_prev = jnp.where(mm, dh_prev, dh)
+      return (dc_prev, dh_prev), dz
+
+    (dc0, dh0), dzs = jax.lax.scan(
+        body, (dc_last, dh_last), (dys, c_prev, acts, tcs, mask), reverse=not reverse)
+    # The weight gradient of every step at once: one [H, T*B] x [T*B, 4H] matmul.
+    dw = jnp.einsum("tbh,tbg->hg", h_prev, dzs)
+    dmask = None if mask is None else np.zeros(mask.shape, dtype=jax.dtypes.float0)
+    return dzs, dmask, dw.astype(w_hh.dtype), dc0, dh0
+
+  recurrence.defvjp(fwd, bwd)
+  return recurrence
+
+
+class _ScanStep(nn.Module):
+  """The body `nn.scan` iterates: no params of its own, W_hh arrives broadcast."""
+
+  @nn.compact
+  def __call__(self, carry, xs, w_hh):
+    xz, m = xs
+    return _step(w_hh, carry, xz, m)
+
+
+def length_mask(lengths: Optional[Array], num_steps: int) -> Optional[Array]:
+  """`[T, B]` bool, True on valid steps (time-major, as the recurrences consume it)."""
+  if lengths is None:
+    return None
+  return jnp.arange(num_steps)[:, None] < jnp.asarray(lengths)[None, :]
+
+
+class LSTMLayer(nn.Module):
+  """One LSTM layer in one direction, PyTorch `nn.LSTM` parameterisation.
+
+  Attributes:
+    hidden_size: H.
+    reverse: process the sequence right to left (the backward half of a bidirectional layer).
+    impl: 'fused' (custom-VJP recurrence, faster backward) or 'scan' (nn.scan + autodiff).
+    weight_drop: AWD-LSTM DropConnect rate on W_hh; one mask per forward pass, shared by all
+      steps and rows, only when not deterministic (needs the 'dropout' rng).
+    time_major: inputs/outputs are `[T, B, ...]` instead of `[B, T, ...]` (the encoder uses it to
+      avoid transposing between layers).
+    dtype: computation dtype (None: promote inputs and params; bf16 is usually slower on CPU).
+    param_dtype: parameter dtype.
+    kernel_init: init for all weights and biases; default PyTorch's U(+-1/sqrt(H)).
+
+  `__call__(x, lengths=None, *, initial_state=None, deterministic=True) -> (outputs, (c, h))`.
+  """
+  hidden_size: int
+  reverse: bool = False
+  impl: str = "fused"
+  weight_drop: float = 0.0
+  time_major: bool = False
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Optional[Callable] = None
+
+  @nn.compact
+  def __call__(self, x: Array, lengths: Optional[Array] = None, *,
+               initial_state: Optional[State] = None,
+               deterministic: bool = True) -> Tuple[Array, State]:
+    if self.impl not in IMPLS:
+      raise ValueError(f"LSTMLayer.impl must be one of {IMPLS}, got {self.impl!r}")
+    H = self.hidden_size
+    init = self.kernel_init or torch_uniform(H)
+    w_ih, b_ih = _Affine(4 * H, init, self.param_dtype, name="ih")(x.shape[-1])
+    w_hh, b_hh = _Affine(4 * H, init, self.param_dtype, name="hh")(H)
+
+    dtype = self.dtype or jnp.result_type(x.dtype, w_ih.dtype)
+    x, w_ih, w_hh = x.astype(dtype), w_ih.astype(dtype), w_hh.astype(dtype)
+    bias = (b_ih + b_hh).astype(dtype)
+
+    if self.weight_drop > 0.0 and not deterministic:
+      keep = 1.0 - self.weight_drop
+      drop_key = self.make_rng("dropout")
+      w_mask = jax.random.bernoulli(drop_key, keep, w_hh.shape)
+      w_hh = jnp.where(w_mask, w_hh / keep, jnp.zeros_like(w_hh))
+
+    # All steps' input projections in one matmul, written time-major for the scan.
+    spec = "tbe,eg->tbg" if self.time_major else "bte,eg->tbg"
+    xz = jnp.einsum(spec, x, w_ih) + bias
+    T, B = xz.shape[0], xz.shape[1]
+    mask = length_mask(lengths, T)
+
+    if initial_state is None:
+      c0 = jnp.zeros((B, H), dtype)
+      h0 = jnp.zeros((B, H), dtype)
+    else:
+      c0, h0 = (s.astype(dtype) for s in initial_state)
+
+    if self.impl == "fused":
+      ys, c, h = _fused_recurrence(bool(self.reverse))(xz, mask, w_hh, c0, h0)
+    else:
+      scan = nn.scan(_ScanStep, variable_broadcast="params", split_rngs={"params": False},
+                     in_axes=(0, nn.broadcast), out_axes=0, reverse=self.reverse)
+      (c, h), ys = scan(name="recurrence")((c0, h0), (xz, mask), w_hh)
+
+    if not self.time_major:
+      ys = jnp.swapaxes(ys, 0, 1)
+    return ys, (c, h)
+
+
+class BiLSTMLayer(nn.Module):
+  """A bidirectional layer: children `fwd` and `bwd` (both LSTMLayer), outputs concatenated.
+
+  Why one module with two children rather than `layer_0` + `layer_0_reverse`: the freezing
+  strategies treat `encoder/layer_i` as one group, so both directions of a layer freeze together.
+  State is `(c, h)` with the directions concatenated: `[B, 2H]` each (fwd first).
+  """
+  hidden_size: int
+  impl: str = "fused"
+  weight_drop: float = 0.0
+  time_major: bool = False
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Optional[Callable] = None
+
+  @nn.compact
+  def __call__(self, x, lengths=None, *, initial_state=None, deterministic=True):
+    kw = dict(impl=self.impl, weight_drop=self.weight_drop, time_major=self.time_major,
+              dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init)
+    H = self.hidden_size
+    s_f = s_b = None
+    if initial_state is not None:
+      c0, h0 = initial_state
+      s_f, s_b = (c0[:, :H], h0[:, :H]), (c0[:, H:], h0[:, H:])
+    y_f, (c_f, h_f) = LSTMLayer(H, reverse=False, name="fwd", **kw)(
+        x, lengths, initial_state=s_f, deterministic=deterministic)
+    y_b, (c_b, h_b) = LSTMLayer(H, reverse=True, name="bwd", **kw)(
+        x, lengths, initial_state=s_b, deterministic=deterministic)
+    return (jnp.concatenate([y_f, y_b], axis=-1),
+            (jnp.concatenate([c_f, c_b], axis=-1), jnp.concatenate([h_f, h_b], axis=-1)))
+
+
+class LSTMEncoder(nn.Module):
+  """A stack of LSTM layers: submodules `layer_0 .. layer_{n-1}`.
+
+  Attributes:
+    num_layers, hidden_size: as nn.LSTM.
+    dropout: dropout on the outputs of every layer but the last (nn.LSTM's `dropout`).
+    bidirectional: each `layer_i` is a BiLSTMLayer with children `fwd`/`bwd`; outputs `[B,T,2H]`.
+    variational: AWD-LSTM variational dropout, one mask per sequence shared over time steps
+      (per-step masks otherwise).
+    weight_drop: AWD-LSTM DropConnect rate on each layer's W_hh.
+    impl: 'fused' | 'scan', see LSTMLayer.
+
+  `__call__(x [B,T,E], lengths [B] | None, *, deterministic=True, initial_state=None)`
+  -> `(outputs [B,T,H*dirs], final_state)`; outputs past a row's length are 0, `final_state` is a
+  tuple over layers of `(c, h)` at each row's last valid step. `initial_state` has the same form.
+  Dropout uses the 'dropout' rng.
+  """
+  num_layers: int
+  hidden_size: int
+  dropout: float = 0.0
+  bidirectional: bool = False
+  variational: bool = False
+  weight_drop: float = 0.0
+  impl: str = "fused"
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Optional[Callable] = None
+
+  @nn.compact
+  def __call__(self, x: Array, lengths: Optional[Array] = None, *, deterministic: bool = True,
+               initial_state=None):
+    if initial_state is not None and len(initial_state) != self.num_layers:
+      raise ValueError(f"initial_state has {len(initial_state)} layers, expected {self.num_layers}")
+    layer_cls = BiLSTMLayer if self.bidirectional else LSTMLayer
+    kw = dict(impl=self.impl, weight_drop=self.weight_drop, time_major=True, dtype=self.dtype,
+              param_dtype=self.param_dtype, kernel_init=self.kernel_init)
+    # Time-major inside the stack: one transpose in, one out, none between layers.
+    h = jnp.swapaxes(x, 0, 1)
+    states = []
+    for i in range(self.num_layers):
+      if i > 0 and self.dropout > 0.0:
+        dims = (0,) if self.variational else ()
+        h = nn.Dropout(self.dropout, broadcast_dims=dims)(h, deterministic=deterministic)
+      h, state = layer_cls(self.hidden_size, name=f"layer_{i}", **kw)(
+          h, lengths, initial_state=None if initial_state is None else initial_state[i],
+          deterministic=deterministic)
+      states.append(state)
+    return jnp.swapaxes(h, 0, 1), tuple(states)

@@ -1,0 +1,177 @@
+"""Behaviour of LSTMLanguageModel and LSTMEncoder that the rest of jaxlm relies on.
+
+Shapes under jit/eval_shape, tied weights, the cheap outputs agreeing with the full softmax at
+eval, length awareness and carrying state across BPTT windows (stream-mode LM training).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm.models.lm import LSTMLanguageModel
+from jaxlm.models.lstm import LSTMEncoder, LSTMLayer
+
+B, T, V, E, H = 3, 8, 40, 12, 16
+
+
+def _batch(seed=0, t=T):
+  rng = np.random.RandomState(seed)
+  return (jnp.asarray(rng.randint(0, V, (B, t)), jnp.int32),
+          jnp.asarray(rng.randint(0, V, (B, t)), jnp.int32))
+
+
+def _init(model, inputs, targets):
+  return model.init(jax.random.key(0), inputs, targets)["params"]
+
+
+@pytest.mark.parametrize("output,extra", [
+    ("full", {}), ("sampled", {"num_sampled": 8}), ("adaptive", {"adaptive_cutoffs": (10, 25)})])
+def test_shapes_under_jit_and_eval_shape(output, extra):
+  model = LSTMLanguageModel(V, E, H, 2, dropout_embed=0.1, dropout_hidden=0.2,
+                            dropout_output=0.3, weight_drop=0.2, output=output, **extra)
+  inputs, targets = _batch()
+  params = jax.eval_shape(lambda: _init(model, inputs, targets))
+  assert params["embed"]["embedding"].shape == (V, E)
+  assert params["encoder"]["layer_1"]["hh"]["kernel"].shape == (H, 4 * H)
+  params = _init(model, inputs, targets)
+
+  @jax.jit
+  def train_apply(p, rng):
+    return model.apply({"params": p}, inputs, targets, jnp.array([T, 5, 1]),
+                       deterministic=False, rngs={"dropout": rng})
+
+  nll, state = train_apply(params, jax.random.key(1))
+  assert nll.shape == (B, T) and nll.dtype == jnp.float32
+  assert np.all(np.isfinite(nll))
+  assert len(state) == 2 and all(c.shape == h.shape == (B, H) for c, h in state)
+  out = jax.eval_shape(lambda p: model.apply({"params": p}, inputs, method="logits"), params)
+  assert out[0].shape == (B, T, V)
+
+
+def test_tied_weights_share_the_embedding():
+  inputs, targets = _batch()
+  same = LSTMLanguageModel(V, E, E, 1, tie_weights=True)
+  params = _init(same, inputs, targets)
+  assert set(params["decoder"]) == {"bias"}
+  logits, _ = same.apply({"params": params}, inputs, method="logits")
+  h, _ = LSTMEncoder(1, E).apply({"params": params["encoder"]},
+                                 params["embed"]["embedding"][inputs])
+  expected = h @ params["embed"]["embedding"].T + params["decoder"]["bias"]
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+  # Gradient of the output flows into the embedding even for rows never used as inputs.
+  unused = sorted(set(range(V)) - set(np.asarray(inputs).ravel().tolist()))
+  grads = jax.grad(lambda p: same.apply({"params": p}, inputs, targets)[0].sum())(params)
+  assert np.all(np.abs(np.asarray(grads["embed"]["embedding"])[unused]).sum(-1) > 0)
+
+  proj = LSTMLanguageModel(V, E, H, 1, tie_weights=True)
+  params = _init(proj, inputs, targets)
+  assert params["decoder"]["proj"]["kernel"].shape == (H, E)
+  assert "kernel" not in params["decoder"]
+
+
+def test_sampled_softmax_eval_equals_full():
+  inputs, targets = _batch()
+  full = LSTMLanguageModel(V, E, H, 1)
+  sampled = LSTMLanguageModel(V, E, H, 1, output="sampled", num_sampled=8)
+  params = _init(full, inputs, targets)
+  assert jax.tree.structure(params) == jax.tree.structure(_init(sampled, inputs, targets))
+  nll_full, _ = full.apply({"params": params}, inputs, targets)
+  nll_eval, _ = sampled.apply({"params": params}, inputs, targets)
+  np.testing.assert_array_equal(nll_full, nll_eval)
+  nll_train, _ = sampled.apply({"params": params}, inputs, targets, deterministic=False,
+                               rngs={"dropout": jax.random.key(2)})
+  # The sampled loss normalises over 1 + K candidates only, so it is a smaller, different number.
+  assert np.all(np.isfinite(nll_train)) and not np.allclose(nll_train, nll_full)
+  assert np.all(np.asarray(nll_train) >= 0)
+
+
+def test_adaptive_softmax_is_normalised_and_exact():
+  inputs, targets = _batch()
+  model = LSTMLanguageModel(V, E, H, 1, output="adaptive", adaptive_cutoffs=(10, 25))
+  params = _init(model, inputs, targets)
+  logp, _ = model.apply({"params": params}, inputs, method="logits")
+  np.testing.assert_allclose(jnp.exp(logp).sum(-1), 1.0, rtol=1e-5)
+  nll, _ = model.apply({"params": params}, inputs, targets)
+  expected = -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(nll, expected, rtol=1e-5, atol=1e-6)
+  # Train mode is the same exact likelihood (no dropout configured here).
+  nll_train, _ = model.apply({"params": params}, inputs, targets, deterministic=False,
+                             rngs={"dropout": jax.random.key(2)})
+  np.testing.assert_allclose(nll_train, nll, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["fused", "scan"])
+def test_padding_longer_does_not_change_real_tokens(impl):
+  model = LSTMLanguageModel(V, E, H, 2, impl=impl)
+  inputs, targets = _batch()
+  lengths = jnp.array([T, 5, 2])
+  params = _init(model, inputs, targets)
+  nll, state = model.apply({"params": params}, inputs, targets, lengths)
+  pad = jnp.full((B, 5), 1, jnp.int32)  # any ids: they lie past every length
+  nll_long, state_long = model.apply({"params": params}, jnp.concatenate([inputs, pad], 1),
+                                     jnp.concatenate([targets, pad], 1), lengths)
+  np.testing.assert_allclose(nll_long[:, :T], nll, rtol=1e-6, atol=1e-7)
+  assert np.all(np.asarray(nll_long[:, T:]) == 0)
+  assert np.all(np.asarray(nll)[1, 5:] == 0) and np.all(np.asarray(nll)[2, 2:] == 0)
+  for (c, h), (c2, h2) in zip(state, state_long):
+    np.testing.assert_allclose(c2, c, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(h2, h, rtol=1e-6, atol=1e-7)
+  # A row alone with its own length gives the same numbers as inside the padded batch.
+  row, _ = model.apply({"params": params}, inputs[1:2, :5], targets[1:2, :5])
+  np.testing.assert_allclose(row[0], nll[1, :5], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["fused", "scan"])
+def test_initial_state_carries_across_windows(impl):
+  model = LSTMLanguageModel(V, E, H, 2, impl=impl)
+  inputs, targets = _batch(t=2 * T)
+  params = _init(model, inputs, targets)
+  whole, state_whole = model.apply({"params": params}, inputs, targets)
+  first, state = model.apply({"params": params}, inputs[:, :T], targets[:, :T])
+  second, state2 = model.apply({"params": params}, inputs[:, T:], targets[:, T:],
+                               initial_state=state)
+  np.testing.assert_allclose(jnp.concatenate([first, second], 1), whole, rtol=1e-5, atol=1e-6)
+  for (c, h), (c2, h2) in zip(state_whole, state2):
+    np.testing.assert_allclose(c2, c, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h2, h, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_and_scan_agree_with_weight_drop_and_reverse():
+  """Both recurrences give the same outputs and gradients, with every option switched on."""
+  x = jnp.asarray(np.random.RandomState(0).randn(B, T, E), jnp.float32)
+  lengths = jnp.array([T, 3, 6])
+  state0 = (jnp.full((B, H), 0.1), jnp.full((B, H), -0.2))
+  results = []
+  for impl in ("fused", "scan"):
+    layer = LSTMLayer(H, reverse=True, impl=impl, weight_drop=0.3)
+    params = layer.init(jax.random.key(0), x)["params"]
+
+    def loss(p, x):
+      y, (c, h) = layer.apply({"params": p}, x, lengths, initial_state=state0,
+                              deterministic=False, rngs={"dropout": jax.random.key(5)})
+      return jnp.sum(jnp.sin(y)) + jnp.sum(c * h), y
+
+    (_, y), g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+    results.append((y, g))
+  (y0, g0), (y1, g1) = results
+  np.testing.assert_allclose(y0, y1, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_dropout_is_variational_and_deterministic_flag_works():
+  model = LSTMLanguageModel(V, E, H, 2, dropout_embed=0.5, dropout_hidden=0.5,
+                            dropout_output=0.5, weight_drop=0.5, dropout_words=0.1)
+  inputs, targets = _batch()
+  params = _init(model, inputs, targets)
+  a, _ = model.apply({"params": params}, inputs, targets)
+  b, _ = model.apply({"params": params}, inputs, targets)
+  np.testing.assert_array_equal(a, b)
+  c, _ = model.apply({"params": params}, inputs, targets, deterministic=False,
+                     rngs={"dropout": jax.random.key(1)})
+  d, _ = model.apply({"params": params}, inputs, targets, deterministic=False,
+                     rngs={"dropout": jax.random.key(1)})
+  np.testing.assert_array_equal(c, d)
+  assert not np.allclose(a, c)
+  with pytest.raises(Exception):  # no 'dropout' rng in train mode
+    model.apply({"params": params}, inputs, targets, deterministic=False)
