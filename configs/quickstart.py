@@ -7,13 +7,14 @@ from scratch on the same labels, and prints both beside a unigram and a majority
 from jaxlm.config import classifier_config, lm_config
 
 
-def get_config():
+def get_config(part=None):
+  """Both parts, or one: `--config configs/quickstart.py:pretrain` (or `:finetune`)."""
   lm = lm_config()
   lm.data.source = "synthetic"
   lm.data.train_split = "unsup"
   lm.data.valid_fraction = 0.05
   lm.data.batch_size = 32
-  lm.data.buckets = (32, 64, 96)
+  lm.data.buckets = (48, 96)
   lm.data.max_len = 96
   lm.tokenizer.vocab_size = 2000
   lm.model.update(embed_dim=64, hidden_size=128, num_layers=2, dropout_embed=0.0,
@@ -27,7 +28,7 @@ def get_config():
   clf.data.num_labeled = 500
   clf.data.valid_fraction = 0.2
   clf.data.batch_size = 32
-  clf.data.buckets = (32, 64, 96)
+  clf.data.buckets = (48, 96)
   clf.data.max_len = 96
   clf.model.update(name="sentiment_net", embed_dim=64, hidden_size=128, num_layers=2,
                    pooling="mean", loss="bce", dropout_embed=0.0, dropout_hidden=0.1,
@@ -36,6 +37,10 @@ def get_config():
   clf.train.update(num_epochs=6, log_every_steps=10)
   clf.finetune.update(strategy="full", discriminative_decay=1.0)
 
+  if part == "pretrain":
+    return lm
+  if part == "finetune":
+    return clf
   config = lm.__class__()
   config.pretrain = lm
   config.finetune = clf

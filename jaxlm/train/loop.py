@@ -77,8 +77,10 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
   last_eval: dict = meta.get("last_eval", {})
   step = int(jax.device_get(state.step))
   steps_per_epoch = batches.num_batches_per_epoch
-  eval_every = tcfg.eval_every_steps or steps_per_epoch
-  ckpt_every = tcfg.checkpoint_every_steps or steps_per_epoch
+
+  def due(every: int, epoch_done: bool) -> bool:  # every == 0: at the end of each epoch only
+    return epoch_done or step >= max_steps or (every > 0 and step % every == 0)
+
   max_steps = tcfg.max_steps or tcfg.num_epochs * steps_per_epoch
 
   def save():
@@ -110,7 +112,7 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
         bar.set_postfix(_postfix(summary), refresh=False)
         writer.write({"step": step, "epoch": epoch + 1, "split": "train", **_scalars(summary)})
         total, tokens, t0 = None, 0.0, time.perf_counter()
-      if step % eval_every == 0 or epoch_done or step >= max_steps:
+      if due(tcfg.eval_every_steps, epoch_done):
         last_eval = hooks.evaluate(state.params)
         if last_eval:
           writer.write({"step": step, "epoch": epoch + 1, "split": "valid", **_scalars(last_eval)})
@@ -120,7 +122,7 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
           value = last_eval[hooks.select_metric]
           if best is None or value > best["value"]:
             best = {"value": value, "step": step, "epoch": epoch + 1}
-      if step % ckpt_every == 0 or epoch_done or step >= max_steps:
+      if due(tcfg.checkpoint_every_steps, epoch_done):
         save()
       if step >= max_steps:
         break

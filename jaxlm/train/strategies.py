@@ -116,8 +116,8 @@ class Plan:
 
 def make_strategy(finetune_cfg, params) -> Plan:
   """Plan from `config.finetune` (strategy, top_k, discriminative_decay); None means full training."""
-  get = (lambda key, default: finetune_cfg.get(key, default)) if finetune_cfg is not None else (
-      lambda key, default: default)
+  cfg = finetune_cfg if finetune_cfg is not None else {}
+  get = cfg.get
   strategy = get("strategy", "full")
   if strategy not in STRATEGIES:
     raise ConfigError(f"config.finetune.strategy={strategy!r} is not one of {', '.join(STRATEGIES)}")
