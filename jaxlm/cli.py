@@ -19,34 +19,42 @@ COMMANDS = ("quickstart", "pretrain", "finetune", "evaluate", "predict", "inspec
 USAGE = __doc__
 
 
-def _define_flags(command: str):
+def _define_flags(command: str, argv: list[str]):
+  """Flags of one command on a fresh FlagValues, so `main` can run many times in one process
+  (tests, notebooks); config_flags reads `--config.key=value` overrides from `argv`, not sys.argv."""
   from absl import flags
   from ml_collections import config_flags
 
   from jaxlm.config import CONFIG_DIR
 
+  fv = flags.FlagValues()
   default_config = str(CONFIG_DIR / "quickstart.py") if command == "quickstart" else None
   if command in ("quickstart", "pretrain", "finetune", "inspect"):
-    config_flags.DEFINE_config_file("config", default_config, "Config file (get_config()).")
+    config_flags.DEFINE_config_file("config", default_config, "Config file (get_config()).",
+                                    flag_values=fv, sys_argv=argv)
   flags.DEFINE_string("workdir", "runs/quickstart" if command == "quickstart" else None,
-                      "Run directory: checkpoints, tokenizer, metrics, plots, summary.")
+                      "Run directory: checkpoints, tokenizer, metrics, plots, summary.", flag_values=fv)
   if command == "finetune":
-    flags.DEFINE_string("init_from", None, "Workdir of a pretrained LM to graft from (omit: from scratch).")
-  if command == "evaluate":
-    flags.DEFINE_string("split", "test", "Split of the run's data source to evaluate on.")
-    flags.DEFINE_string("which", "best", "Checkpoint: best (by validation) or latest.")
-  if command == "predict":
-    flags.DEFINE_string("which", "best", "Checkpoint: best (by validation) or latest.")
-  flags.DEFINE_bool("progress", True, "Show progress bars.")
-  return flags.FLAGS
+    flags.DEFINE_string("init_from", None, "Workdir of a pretrained LM to graft from (omit: from scratch).",
+                        flag_values=fv)
+  if command in ("evaluate", "predict"):
+    if command == "evaluate":
+      flags.DEFINE_string("split", "test", "Split of the run's data source to evaluate on.", flag_values=fv)
+    flags.DEFINE_string("which", "best", "Checkpoint: best (by validation) or latest.", flag_values=fv)
+  flags.DEFINE_bool("progress", True, "Show progress bars.", flag_values=fv)
+  return fv
 
 
 def _run(command: str, argv: list[str]) -> None:
   from jaxlm import commands
   from jaxlm.errors import ConfigError
 
-  flags = _define_flags(command)
-  rest = flags(argv)[1:]
+  flags = _define_flags(command, argv)
+  try:
+    rest = flags(argv)[1:]
+  except (AttributeError, KeyError) as e:
+    # ml_collections reports a typo in `--config.a.b=v` as AttributeError/KeyError, not a flag error.
+    raise ConfigError(_unknown_key_message(e, argv)) from None
   needs_workdir = command != "inspect"
   if needs_workdir and not flags.workdir:
     raise ConfigError(f"jaxlm {command} needs --workdir DIR")
@@ -65,6 +73,18 @@ def _run(command: str, argv: list[str]) -> None:
   elif command == "inspect":
     config = flags.config if flags["config"].present else None
     commands.inspect(config, flags.workdir)
+
+
+def _unknown_key_message(error, argv) -> str:
+  """One line naming the override with the unknown key and ml_collections' suggestion."""
+  while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError(msg))
+    error = error.args[0]
+  text = str(error.args[0]) if error.args else str(error)
+  key = text.split("'")[1] if text.count("'") >= 2 else ""
+  text = "; ".join(line.strip() for line in text.splitlines() if line.strip())
+  names = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  offending = next((n for n in names if key and key in n.split(".")), None) or ", ".join(names)
+  return f"unknown config key in {offending}: {text}"
 
 
 def _required_config(flags, command):
@@ -87,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
   # `--init-from` reads better on a command line; absl flag names use underscores.
   args = [a.replace("--init-from", "--init_from", 1) if a.startswith("--init-from") else a
           for a in argv[2:]]
+  # orbax logs routine events as absl WARNINGs ("Given directory is read only", "Requested
+  # `tracked_metric`"); they are not actionable for a user, so the CLI shows only errors.
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.ERROR)
   from jaxlm.errors import JaxlmError
   try:
     _run(command, [f"jaxlm {command}"] + args)

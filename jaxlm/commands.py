@@ -76,7 +76,7 @@ def train(config, workdir, *, kind, init_params=None, tokenizer=None, progress=T
                                  best_metric=config.finetune.select_metric if kind == "classifier" else None)
   meta = None
   if resuming:
-    restored, meta = ckpt.restore(loop.state_dict(state))
+    restored, meta = _restore_any_phase(ckpt, params, plan, optimizer, seed)
     state = steps.TrainState(**restored)
     _log(f"resuming {workdir} from step {int(state.step)} (epoch {meta.get('epoch', 0) + 1})")
   else:
@@ -110,7 +110,7 @@ def train(config, workdir, *, kind, init_params=None, tokenizer=None, progress=T
   def evaluate(params):
     if task.valid_batches is None:
       return {}
-    carry = task.carry_init()() if task.stream else None
+    carry = task.carry_init(task.valid_batches.batch_size)() if task.stream else None
     return tasks.evaluate_batches(eval_step, params, task.valid_batches.iter_epoch(0), devices,
                                   carry=carry, max_batches=config.train.eval_max_batches)
 
@@ -133,6 +133,23 @@ def train(config, workdir, *, kind, init_params=None, tokenizer=None, progress=T
           "eval_step": eval_step, "workdir": workdir}
 
 
+def _restore_any_phase(ckpt, params, plan, optimizer, seed):
+  """Restores the latest checkpoint with the optimizer state of the phase that wrote it.
+
+  A gradual-unfreezing run stopped in epoch k saved the optimizer state of phase k (other groups,
+  other Adam states), so the phase-0 template would not fit. Each phase's template is tried in
+  turn; a mismatch is detected from checkpoint metadata before any array is read.
+  """
+  first_error = None
+  for epoch in range(plan.num_phases):  # epoch e < num_phases starts phase e
+    template = steps.create_state(params, optimizer(epoch), seed)
+    try:
+      return ckpt.restore(loop.state_dict(template))
+    except CheckpointError as e:
+      first_error = first_error or e
+  raise first_error
+
+
 def pretrain(config, workdir, *, progress=True) -> dict:
   """Seed 001: train the LSTM LM; report held-out and test perplexity beside a unigram baseline."""
   run = train(config, workdir, kind="lm", progress=progress)
@@ -153,7 +170,7 @@ def lm_test_metrics(config, task, eval_step, params, devices) -> dict:
   test_texts = [r.text for r in tasks.read_split(config, config.data.test_split, labeled=False)]
   batches = tasks.lm_batches(config, task.tokenizer, test_texts, shuffle=False, seed=0,
                              batch_size=config.data.eval_batch_size)
-  carry = task.carry_init()() if task.stream else None
+  carry = task.carry_init(batches.batch_size)() if task.stream else None
   test = tasks.evaluate_batches(eval_step, params, batches.iter_epoch(0), devices, carry=carry)
   targets = [b["targets"][b["weights"] > 0] for b in batches.iter_epoch(0)]
   train_targets = [b["targets"][b["weights"] > 0] for b in task.train_batches.iter_epoch(0)]
@@ -177,12 +194,10 @@ def finetune(config, workdir, *, init_from=None, progress=True) -> dict:
 
 def _classifier_summary(config, run, init_from) -> dict:
   workdir, task, devices = run["workdir"], run["task"], run["devices"]
-  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.max_to_keep)
   best = run["result"]["best"]
   params = run["state"].params
   if best is not None:
     params = checkpoint.restore_params(workdir, which="best")
-  ckpt.close()
   test = classifier_split_metrics(config, task, run["eval_step"], params, devices,
                                   config.data.test_split)
   summary = {"command": "finetune", "workdir": str(workdir), "init_from": str(init_from) if init_from else None,
@@ -291,10 +306,12 @@ def _abstract_params(model, config):
   tokens = jax.ShapeDtypeStruct((2, 8), np.int32)
   lengths = jax.ShapeDtypeStruct((2,), np.int32)
   rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+  # The abstract arrays must be arguments of eval_shape: a closure would hand them to the model
+  # as if they were concrete arrays.
   if config.task == "lm":
-    variables = jax.eval_shape(lambda: model.init(rngs, tokens, tokens, lengths))
+    variables = jax.eval_shape(lambda t, l: model.init(rngs, t, t, l), tokens, lengths)
   else:
-    variables = jax.eval_shape(lambda: model.init(rngs, tokens, lengths))
+    variables = jax.eval_shape(lambda t, l: model.init(rngs, t, l), tokens, lengths)
   return variables["params"]
 
 

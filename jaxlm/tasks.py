@@ -31,7 +31,8 @@ class Task:
   info: dict = dataclasses.field(default_factory=dict)
 
   def example_batch(self) -> dict:
-    return next(iter(self.train_batches.iter_epoch(0)))
+    # Random access: iterating would advance the train iterator, and training would skip batch 0.
+    return self.train_batches.batch(0, 0)
 
   def init_params(self, seed: int):
     batch = self.example_batch()
@@ -47,10 +48,12 @@ class Task:
       return float(np.sum(batch["weights"]))
     return float(np.sum(batch["lengths"] * (batch["weights"] > 0)))
 
-  def carry_init(self) -> Callable | None:
+  def carry_init(self, batch_size: int | None = None) -> Callable | None:
+    """Zero LSTM state for stream mode; `batch_size` defaults to the train batches' (eval batches
+    may be of another size, config.data.eval_batch_size)."""
     if not self.stream:
       return None
-    batch_size = self.train_batches.batch_size
+    batch_size = batch_size or self.train_batches.batch_size
     return lambda: zero_state(self.model, batch_size)
 
 

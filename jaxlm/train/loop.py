@@ -104,7 +104,8 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
       tokens += hooks.tokens_in(batch)
       total = metrics_lib.accumulate(total, {k: v for k, v in batch_metrics.items() if k != "grad_norm"})
       bar.update(1)
-      if step % tcfg.log_every_steps == 0 or epoch_done:
+      # Also at max_steps: a run stopped there must not drop its last, partial logging window.
+      if step % tcfg.log_every_steps == 0 or epoch_done or step >= max_steps:
         summary = metrics_lib.summarize(total)
         elapsed = time.perf_counter() - t0
         summary.update(tokens_per_sec=tokens / max(elapsed, 1e-9),

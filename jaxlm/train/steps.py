@@ -97,7 +97,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, trainable
     grads = strategies.merge_params(grads, strategies.zeros_like_frozen(frozen))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics, new_carry
 
   return jax.jit(train_step, donate_argnums=(0,))

@@ -1,0 +1,159 @@
+"""The training loop end to end on tiny synthetic data: resume, data parallelism, stream LM, freezing.
+
+Why these: each is a promise the README makes that no unit test of a single module can check -
+a rerun continues exactly where a run stopped, 4 devices compute what 1 device does, stream-mode
+LM carries its state through train and eval, and a frozen layer group really does not move.
+"""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlm import checkpoint, commands, config as config_lib, tasks
+
+SOURCE = "synthetic:train=80,test=40,unsup=160"
+
+
+def _share_compilations():
+  """A session-local persistent compilation cache: every run below builds fresh jitted closures,
+  so jit's in-memory cache never hits, but identical tiny models compile to identical HLO; this
+  turns repeated compiles (most of these tests' time) into cache reads. Nothing outlives the session."""
+  import tempfile
+  from jax._src import compilation_cache
+  jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="jaxlm-test-xla-"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  compilation_cache.reset_cache()
+
+
+if not jax.config.jax_compilation_cache_dir:
+  _share_compilations()
+
+
+def _tiny(config):
+  config.data.update(source=SOURCE, batch_size=8, eval_batch_size=8, buckets=(48,), max_len=48)
+  config.tokenizer.vocab_size = 200
+  config.model.update(embed_dim=16, hidden_size=32, num_layers=1)
+  config.train.update(num_devices=1, log_every_steps=1, max_to_keep=5)
+  return config
+
+
+def clf_config(**train):
+  """64 train / 16 valid records: 8 batches of 8 per epoch. Dropout on, so the RNG matters."""
+  config = _tiny(config_lib.classifier_config())
+  config.data.update(num_labeled=0, valid_fraction=0.2)
+  config.model.update(dropout_embed=0.1, dropout_hidden=0.1, dropout_output=0.1)
+  config.optim.update(learning_rate=3e-3, schedule="constant")
+  config.train.update(**{"num_epochs": 2, **train})
+  return config
+
+
+def lm_config(**train):
+  config = _tiny(config_lib.lm_config())
+  config.data.update(train_split="unsup", valid_fraction=0.1)
+  config.train.update(num_epochs=1, **train)
+  return config
+
+
+def _rows(workdir, split):
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  return [r for r in map(json.loads, lines) if r.get("split") == split]
+
+
+def _assert_trees_close(a, b, atol):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol,
+                                                       rtol=0), a, b)
+
+
+def gradual_config(**train):
+  """Groups embed, encoder/layer_0, head; gradual (ULMFiT) trains head, +layer_0, +embed."""
+  config = clf_config(**{"num_epochs": 3, **train})
+  config.finetune.update(strategy="gradual", discriminative_decay=2.6)
+  return config
+
+
+@pytest.fixture(scope="module")
+def gradual_runs(tmp_path_factory):
+  """One uninterrupted 3-epoch run, and the same run stopped at step 12 (mid-epoch 2) and rerun.
+
+  Gradual unfreezing is the hardest case to resume: the checkpoint at step 12 holds the optimizer
+  state of phase 2 (head + layer_0), not the one a fresh run starts with.
+  """
+  root = tmp_path_factory.mktemp("gradual")
+  one_go, resumed = root / "one_go", root / "resumed"
+  full = commands.finetune(gradual_config(), one_go, progress=False)
+  half = commands.finetune(gradual_config(max_steps=12), resumed, progress=False)
+  rest = commands.finetune(gradual_config(), resumed, progress=False)
+  return dict(one_go=one_go, resumed=resumed, full=full, half=half, rest=rest)
+
+
+def test_resume_continues_exactly(gradual_runs):
+  """Stopping with max_steps and rerunning on the same workdir = one uninterrupted run."""
+  r = gradual_runs
+  one_go, resumed = r["one_go"], r["resumed"]
+  assert r["half"]["steps"] == 12 and r["full"]["steps"] == r["rest"]["steps"] == 24
+  meta = json.loads((resumed / "checkpoints" / "12" / "meta" / "metadata").read_text())
+  assert (meta["batches"]["epoch"], meta["batches"]["index"]) == (1, 4)  # data position saved
+
+  _assert_trees_close(checkpoint.restore_params(one_go, which="latest"),
+                      checkpoint.restore_params(resumed, which="latest"), atol=1e-6)
+  a, b = _rows(one_go, "train"), _rows(resumed, "train")
+  assert [x["step"] for x in a] == [x["step"] for x in b] == list(range(1, 25))
+  # One row per batch (log_every_steps=1): equal losses after the restart mean the same batches
+  # (data position) and the same dropout masks (RNG) as the uninterrupted run.
+  np.testing.assert_allclose([x["loss"] for x in a], [x["loss"] for x in b], rtol=0, atol=1e-6)
+  va = {x["step"]: x["loss"] for x in _rows(one_go, "valid")}
+  vb = {x["step"]: x["loss"] for x in _rows(resumed, "valid")}
+  assert sorted(va) == [8, 16, 24] and sorted(vb) == [8, 12, 16, 24]  # + the eval at the stop
+  np.testing.assert_allclose([va[k] for k in sorted(va)], [vb[k] for k in sorted(va)], atol=1e-6)
+  assert r["full"]["best_valid"] == r["rest"]["best_valid"]
+  assert r["full"]["test_loss"] == pytest.approx(r["rest"]["test_loss"], abs=1e-6)
+
+
+def test_gradual_unfreezing_keeps_frozen_groups_bit_identical(gradual_runs):
+  """A frozen group does not move at all: not by Adam, weight decay or a share of clipping."""
+  init = jax.device_get(tasks.build_task(gradual_config()).init_params(0))
+  after = {s: checkpoint.restore_params(gradual_runs["one_go"], step=s) for s in (8, 16, 24)}
+
+  def same(a, b, *path):
+    for key in path:
+      a, b = a[key], b[key]
+    return all(np.array_equal(np.asarray(x), np.asarray(y))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+  # epoch 1: only the head trains
+  assert same(init, after[8], "embed") and same(init, after[8], "encoder", "layer_0")
+  assert not same(init, after[8], "head")
+  # epoch 2: + encoder/layer_0
+  assert same(init, after[16], "embed") and not same(after[8], after[16], "encoder", "layer_0")
+  # epoch 3: everything
+  assert not same(after[16], after[24], "embed")
+
+
+def test_one_vs_four_devices_same_params(tmp_path):
+  """Data parallelism over 4 (simulated) devices computes the single-device update."""
+  assert jax.device_count() >= 4, "tests/conftest.py should simulate 4 CPU devices"
+  runs = {}
+  for n in (1, 4):
+    run = commands.train(clf_config(max_steps=4, num_devices=n), tmp_path / f"d{n}",
+                         kind="classifier", progress=False)
+    assert run["devices"].count == n
+    runs[n] = jax.device_get(run["state"].params)
+  _assert_trees_close(runs[1], runs[4], atol=1e-5)
+  init = tasks.build_task(clf_config()).init_params(0)
+  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), init, runs[4])
+  assert max(jax.tree.leaves(moved)) > 1e-4  # the 4 steps really trained
+
+
+def test_stream_lm_trains_and_evaluates(tmp_path):
+  """Stream mode carries the LSTM state; eval batches (4 rows) differ from train batches (8)."""
+  config = lm_config(max_steps=6)
+  config.data.update(lm_mode="stream", bptt=16, eval_batch_size=4)
+  summary = commands.pretrain(config, tmp_path / "lm", progress=False)
+  assert summary["steps"] == 6
+  assert np.isfinite(summary["test_perplexity"]) and 1 < summary["test_perplexity"] < 300
+  assert np.isfinite(summary["valid"]["perplexity"])
+  assert [r["step"] for r in _rows(tmp_path / "lm", "valid")] == [6]
+  out = commands.evaluate(tmp_path / "lm", split="test", which="latest")
+  assert out["perplexity"] == pytest.approx(summary["test_perplexity"], rel=1e-4)
