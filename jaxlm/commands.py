@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from jaxlm import checkpoint, config as config_lib, graft, metrics, params as params_lib
-from jaxlm import tasks, tokenizers
+from jaxlm import batching, tasks, tokenizers
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.train import loop, steps, strategies
 
@@ -262,18 +262,28 @@ def predict(workdir, texts, *, which="best") -> list[dict]:
   config, tokenizer, model, params = _load_run(workdir, which)
   if config.task != "classifier":
     raise ConfigError(f"{workdir} holds a {config.task} run; predict needs a classifier workdir")
-  ids = tokenizer.encode_batch(list(texts))
-  out = []
-  for text, seq in zip(texts, ids):
-    seq = seq[:config.data.max_len] if len(seq) else np.array([tokenizer.pad_id], np.int32)
-    logits = model.apply({"params": params}, seq[None, :], np.array([len(seq)], np.int32))[0]
+  texts = list(texts)
+  ids = tokenizer.encode_batch(texts)
+  # Same bucketed shapes as evaluation: one jitted forward per bucket, not one per text length.
+  batches = batching.ClassificationBatches(
+      ids, np.zeros(len(ids), np.int32), batch_size=config.data.eval_batch_size,
+      buckets=tuple(config.data.buckets), max_len=config.data.max_len, pad_id=tokenizer.pad_id,
+      shuffle=False, seed=0, include_index=True)
+  forward = jax.jit(lambda p, tokens, lengths: model.apply({"params": p}, tokens, lengths))
+  probs = np.zeros((len(texts), max(2, config.model.num_classes)), np.float64)
+  for batch in batches.iter_epoch(0):
+    logits = np.asarray(forward(params, batch["tokens"], batch["lengths"]), np.float64)
     if config.model.loss == "bce":
-      p1 = float(jax.nn.sigmoid(logits[0]))
-      probs = [1 - p1, p1]
+      p1 = 1.0 / (1.0 + np.exp(-logits[:, 0]))
+      batch_probs = np.stack([1.0 - p1, p1], axis=1)
     else:
-      probs = np.asarray(jax.nn.softmax(logits)).tolist()
-    label = int(np.argmax(probs))
-    out.append({"text": text, "label": label, "probability": float(probs[label])})
+      batch_probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    real = batch["index"] >= 0
+    probs[batch["index"][real]] = batch_probs[real]
+  out = []
+  for text, row in zip(texts, probs):
+    label = int(np.argmax(row))
+    out.append({"text": text, "label": label, "probability": float(row[label])})
     print(json.dumps(out[-1], ensure_ascii=False), flush=True)
   return out
 

@@ -68,16 +68,26 @@ class _Affine(nn.Module):
     return kernel, bias
 
 
+def _gate_scale(hidden: int, dtype) -> np.ndarray:
+  """0.5 on the sigmoid gates (i, f, o), 1 on the tanh gate (g)."""
+  half = np.full((hidden,), 0.5)
+  return np.concatenate([half, half, np.ones((hidden,)), half]).astype(dtype)
+
+
 def _cell(z: Array, c_prev: Array):
-  """Gate nonlinearities for pre-activations `z [B,4H]` (i, f, g, o)."""
-  i, f, g, o = jnp.split(z, 4, axis=-1)
-  i = jax.nn.sigmoid(i)
-  f = jax.nn.sigmoid(f)
-  g = jnp.tanh(g)
-  o = jax.nn.sigmoid(o)
+  """Gate nonlinearities for pre-activations `z [B,4H]` (i, f, g, o).
+
+  One tanh over all four gates, using sigmoid(x) = 0.5 * tanh(0.5 * x) + 0.5 (an exact identity):
+  XLA:CPU's logistic is not vectorised like its tanh, and the gate math alone took ~6x longer
+  with three sigmoids and a tanh (76 ms vs 13 ms for 256 steps of [64, 1024], this machine).
+  Returns (activations [B,4H] = sigmoid(i), sigmoid(f), tanh(g), sigmoid(o); c; tanh(c); h).
+  """
+  s = _gate_scale(c_prev.shape[-1], z.dtype)
+  a = jnp.tanh(z * s) * s + (1.0 - s)
+  i, f, g, o = jnp.split(a, 4, axis=-1)
   c = f * c_prev + i * g
   tc = jnp.tanh(c)
-  return i, f, g, o, c, tc, o * tc
+  return a, c, tc, o * tc
 
 
 def _step(w_hh: Array, carry: State, xz: Array, m: Optional[Array]):
@@ -87,7 +97,7 @@ def _step(w_hh: Array, carry: State, xz: Array, m: Optional[Array]):
   """
   c, h = carry
   z = xz + jnp.dot(h, w_hh)
-  _, _, _, _, c_new, _, h_new = _cell(z, c)
+  _, c_new, _, h_new = _cell(z, c)
   if m is None:
     return (c_new, h_new), h_new
   mm = m[:, None]
@@ -122,8 +132,7 @@ def _fused_recurrence(reverse: bool):
       c, h = carry
       xz_t, m = x
       z = xz_t + jnp.dot(h, w_hh)
-      i, f, g, o, c_new, tc, h_new = _cell(z, c)
-      acts = jnp.concatenate([i, f, g, o], axis=-1)
+      acts, c_new, tc, h_new = _cell(z, c)
       res = (h, c, acts, tc)  # h_prev, c_prev, gate activations, tanh(c_new)
       if m is None:
         return (c_new, h_new), (h_new, res)
