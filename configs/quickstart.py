@@ -25,7 +25,7 @@ def get_config(part=None):
   clf = classifier_config()
   clf.data.source = "synthetic"
   clf.data.train_split = "train"
-  clf.data.num_labeled = 500
+  clf.data.num_labeled = 400
   clf.data.valid_fraction = 0.2
   clf.data.batch_size = 32
   clf.data.buckets = (48, 96)
@@ -34,7 +34,7 @@ def get_config(part=None):
                    pooling="mean", loss="bce", dropout_embed=0.0, dropout_hidden=0.1,
                    dropout_output=0.2)
   clf.optim.update(learning_rate=2e-3, schedule="constant", grad_clip=1.0)
-  clf.train.update(num_epochs=6, log_every_steps=10)
+  clf.train.update(num_epochs=12, log_every_steps=10)
   clf.finetune.update(strategy="full", discriminative_decay=1.0)
 
   if part == "pretrain":

@@ -23,7 +23,7 @@ def test_deterministic_and_seeded():
 def test_known_first_review_is_stable_across_machines():
   # Pinned text: a change here means every saved quickstart result changes; do it on purpose.
   texts, labels = synthetic.generate("train", 1)
-  assert texts[0].startswith("i watched this animated film last weekend .")
+  assert texts[0].startswith("the film runs almost three hours . most of it was shot in the desert .")
   assert labels == [synthetic.sentiment_of(texts[0])]
 
 
@@ -78,7 +78,7 @@ def _bag_of_words(texts, vocab):
 
 def test_bag_of_words_is_clearly_worse_than_the_rule(train_test):
   """Naive Bayes on word presence: closed form, so the test stays fast on a busy machine
-  (an iterative logistic regression reaches the same ~0.75)."""
+  (it scores ~0.80 here)."""
   (train, y_train), (test, y_test) = train_test
   vocab = {w: i for i, w in enumerate(synthetic.vocabulary())}
   x_train, x_test = _bag_of_words(train, vocab), _bag_of_words(test, vocab)

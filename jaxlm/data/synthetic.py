@@ -6,20 +6,24 @@ about: language-model pretraining helps when only a few hundred labels are avail
 labels follow a rule a sequence model can learn, but a bag of words cannot fully capture.
 
 Output format: lowercase words and punctuation separated by single spaces
-("the plot was not good . the acting was superb ."), so any tokenizer splits it the same way.
+("the plot was not bad . the acting was superb !"), so any tokenizer splits it the same way.
 
 Grammar (one review = several sentences, 20-80 words):
 
-  review    := filler{1,3} opinions filler{0,1}    (more filler if < 20 words, less if > 80)
+  review    := filler{1,2} opinions filler{0,1}    (more filler if < 20 words, less if > 80)
   opinions  := shuffled sentences of the kinds below: simple | contrast | verdict
   filler    := neutral sentence about the film: genre, director, cast, story, where it was watched
   clause    := "the" ASPECT VERB ["not" | "never"] [INTENSIFIER] ADJECTIVE
-  simple    := clause "."
-  contrast  := clause ", but" clause "."  |  "although" clause "," clause "."
+               | "the" ASPECT VERB [INTENSIFIER] ADJECTIVE "and" ADJECTIVE   (same polarity)
+  simple    := clause END
+  contrast  := clause ", but" clause END  |  "although" clause "," clause END
+  END       := "!" if the sentence ends with a positive adjective, else "."  (surface cue only:
+               "the plot was not bad ." is positive, "the plot was not good !" negative)
   verdict   := "overall it is" ["not"] "a" [INTENSIFIER] ADJECTIVE GENRE "."
 
 Semantics (`sentiment_of` implements exactly this, reading only the text):
-  * an adjective has polarity +1 (good, superb, ...) or -1 (dull, awful, ...);
+  * an adjective has polarity +1 (good, superb, ...) or -1 (dull, awful, ...); a clause counts
+    once, by its first adjective ("great and fun" = +1);
   * "not"/"never" before it flips the polarity ("not bad" is positive);
   * an intensifier doubles the weight of a non-negated adjective ("extremely good" = +2,
     "not very good" = -1);
@@ -28,13 +32,17 @@ Semantics (`sentiment_of` implements exactly this, reading only the text):
   * the review is positive when the sum over sentences is > 0 (generation never produces 0).
 
 Review kinds (fractions of all reviews; labels are balanced exactly in every pair of reviews):
-  * plain (~62%): 1-3 opinions of the review's polarity; a bag of words gets these right.
-  * negation (~15%): negated opinions only ("the plot was not bad"), sometimes with one plain one.
-  * contrast (~15%): "the plot was dull , but the acting was superb ." and "although ..." forms.
-  * mixed (~8%): an intensified opinion outweighs a plain opposite one.
-The last three (~38%) hinge on order, so a bag-of-words classifier scores clearly below the rule.
-Within a review the opinions agree, so a language model learns that sentiment persists across
-sentences (and flips after "but"), which is what makes pretraining useful for the classifier.
+  * plain (~72%): 4-7 simple opinions of the review's polarity (+ sometimes a verdict); a bag of
+    words gets these right.
+  * negation (~14%): 3-5 negated opinions only ("the plot was not bad"), sometimes a negated
+    verdict; a bag of words gets these mostly wrong.
+  * contrast (~14%): 2-3 sentences "the plot was dull , but the acting was superb ." or
+    "although ..."; equally many positive and negative adjectives, so a bag of words guesses.
+The last two (~28%) hinge on order, so a bag of words scores clearly below the rule (~0.8).
+Only 8 adjectives per polarity, and every opinion of a review (the second clause of a contrast,
+the meaning of a negated one) has the review's polarity: a language model predicts the next
+adjective well only if it tracks the review's sentiment across sentences (and flips it after
+"but" / "not"), which is exactly the state the classifier needs, so pretraining pays off.
 
 Determinism: every split draws from its own `numpy.random.RandomState([seed, split_index])`
 stream (a legacy generator whose stream numpy guarantees across versions and machines); no
@@ -49,18 +57,8 @@ DEFAULT_SIZES = {"train": 5000, "test": 2000, "unsup": 20000}
 SPLITS = ("train", "test", "unsup")
 NUM_CLASSES = 2
 
-POSITIVE = (
-  "good", "great", "superb", "excellent", "wonderful", "brilliant", "charming", "moving",
-  "gripping", "clever", "delightful", "beautiful", "solid", "fun", "engaging", "memorable",
-  "stunning", "fresh", "witty", "powerful", "touching", "impressive", "enjoyable", "strong",
-  "lovely", "terrific", "elegant", "thrilling",
-)
-NEGATIVE = (
-  "bad", "dull", "boring", "awful", "terrible", "weak", "clumsy", "flat", "predictable",
-  "tedious", "messy", "bland", "lifeless", "forgettable", "painful", "silly", "poor", "shallow",
-  "sloppy", "annoying", "lazy", "dreadful", "stale", "confusing", "mediocre", "clunky",
-  "pointless", "tiresome",
-)
+POSITIVE = ("good", "great", "superb", "excellent", "wonderful", "brilliant", "charming", "fun")
+NEGATIVE = ("bad", "dull", "boring", "awful", "terrible", "weak", "clumsy", "silly")
 INTENSIFIERS = (
   "very", "extremely", "really", "truly", "incredibly", "remarkably", "genuinely", "so",
   "absolutely",
@@ -115,11 +113,12 @@ RELATIONS = ("sister", "brother", "friends", "coworkers", "parents", "cousin", "
 DURATIONS = ("ninety minutes", "two hours", "almost three hours", "barely eighty minutes")
 
 _POLARITY = {**{w: 1 for w in POSITIVE}, **{w: -1 for w in NEGATIVE}}
+_POSITIVE_SET = frozenset(POSITIVE)
 _SPLIT_INDEX = {name: i for i, name in enumerate(SPLITS)}
 _BLOCK = 1 << 16
 
 # Kind probabilities (cumulative thresholds over one uniform draw).
-_KINDS = (("plain", 0.62), ("negation", 0.77), ("contrast", 0.92), ("mixed", 1.0))
+_KINDS = (("plain", 0.72), ("negation", 0.86), ("contrast", 1.0))
 
 
 class _Draws:
@@ -192,7 +191,14 @@ def _clause(d, value, negated=False, intensified=None):
   if intensified:
     words.append(d.choice(INTENSIFIERS))
   words.append(_adjective(d, -value if negated else value))
+  if not negated and d.chance(0.5):  # "great and fun": a second adjective of the same polarity
+    words += ["and", _adjective(d, value)]
   return " ".join(words)
+
+
+def _end(sentence):
+  """Sentence terminator: "!" after a positive adjective, "." otherwise (see the grammar)."""
+  return sentence + (" !" if sentence.rsplit(" ", 1)[-1] in _POSITIVE_SET else " .")
 
 
 def _contrast(d, y):
@@ -200,8 +206,8 @@ def _contrast(d, y):
   first = _clause(d, -y, negated=d.chance(0.2))
   second = _clause(d, y, negated=d.chance(0.2))
   if d.chance(0.6):
-    return f"{first} , but {second} ."
-  return f"although {first} , {second} ."
+    return _end(f"{first} , but {second}")
+  return _end(f"although {first} , {second}")
 
 
 def _verdict(d, y, negated):
@@ -215,22 +221,16 @@ def _verdict(d, y, negated):
 def _opinions(d, y, kind):
   """Opinion sentences whose rule value sums to the sign of y (y is +1 or -1)."""
   if kind == "plain":
-    out = [f"{_clause(d, y)} ." for _ in range(d.count(1, 3))]
+    out = [_end(_clause(d, y, intensified=d.chance(0.15))) for _ in range(d.count(4, 6))]
     if d.chance(0.3):
       out.append(_verdict(d, y, negated=False))
     return out
   if kind == "negation":
-    out = [f"{_clause(d, y, negated=True)} ." for _ in range(d.count(1, 2))]
+    out = [_end(_clause(d, y, negated=True)) for _ in range(d.count(3, 5))]
     if d.chance(0.3):
       out.append(_verdict(d, y, negated=True))
-    if d.chance(0.3):
-      out.append(f"{_clause(d, y)} .")
     return out
-  if kind == "contrast":
-    return [_contrast(d, y) for _ in range(d.count(1, 2))]
-  strong = f"{_clause(d, y, intensified=True)} ."
-  weak = f"{_clause(d, -y, intensified=False)} ."
-  return [strong, weak]
+  return [_contrast(d, y) for _ in range(d.count(2, 3))]
 
 
 def _kind(d):
@@ -245,8 +245,8 @@ def _review(d, y):
   """One review of polarity y in {+1, -1}, between 20 and 80 words."""
   opinions = _opinions(d, y, _kind(d))
   d.shuffle(opinions)
-  intro = [_filler(d) for _ in range(d.count(1, 3))]
-  outro = [_filler(d)] if d.chance(0.3) else []
+  intro = [_filler(d) for _ in range(d.count(1, 2))]
+  outro = [_filler(d)] if d.chance(0.2) else []
   while _words(intro + opinions + outro) < 20:
     intro.append(_filler(d))
   while _words(intro + opinions + outro) > 80 and len(intro) + len(outro) > 1:
@@ -308,7 +308,7 @@ def sentiment_score(text):
   words = text.split()
   total, start = 0, 0
   for i, word in enumerate(words):
-    if word == ".":
+    if word in (".", "!"):
       total += _sentence_value(words[start:i])
       start = i + 1
   return total + _sentence_value(words[start:])
@@ -326,7 +326,7 @@ def vocabulary():
   words = {w for pool in pools for phrase in pool for w in phrase.split()}
   templates = (
     "i watched this it was directed by and stars the story is set in follows a who plays film runs "
-    "my wanted to see most of shot wrote script after working as , but although . overall is "
+    "my wanted to see most of shot wrote script after working as , but although . ! overall is "
     "not an"
   )
   return sorted(words | set(templates.split()))
