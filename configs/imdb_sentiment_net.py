@@ -19,7 +19,7 @@ def get_config():
   config.data.buckets = (64, 128, 256, 400)
   config.tokenizer.vocab_size = 20_000
   config.tokenizer.min_freq = 3
-  config.model.update(name="sentiment_net", embed_dim=256, hidden_size=512, num_layers=2,
+  config.model.update(name="sentiment_net", embed_dim=256, hidden_size=256, num_layers=2,
                       pooling="mean", loss="bce", dropout_embed=0.1, dropout_hidden=0.2,
                       dropout_output=0.3)
   config.optim.update(learning_rate=1e-3, schedule="stlr", grad_clip=1.0)
