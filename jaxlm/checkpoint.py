@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import pathlib
-import tempfile
 from typing import Any
 
 import jax
@@ -35,6 +34,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxlm.files import atomic_write
 from jaxlm.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -203,19 +203,8 @@ def restore_params(workdir: str | os.PathLike, step: int | None = None,
 
 def write_json_atomic(path: str | os.PathLike, obj: Any):
   """Writes JSON so readers see the old file or the new one, never half of one."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   text = json.dumps(_jsonable(obj, str(path)), indent=2) + "\n"
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
+  atomic_write(path, text.encode("utf-8"))
 
 
 def save_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict):

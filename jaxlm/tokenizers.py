@@ -24,11 +24,11 @@ import json
 import os
 import pathlib
 import re
-import tempfile
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from jaxlm.files import atomic_write
 from jaxlm.errors import CheckpointError, ConfigError, DataError
 
 DEFAULT_SPECIALS = ("<unk>", "<pad>", "<bos>", "<eos>")
@@ -175,7 +175,7 @@ class WordTokenizer:
     directory.mkdir(parents=True, exist_ok=True)
     options = dict(self.options, lowercase=self.lowercase, specials=list(self.specials))
     payload = dict(format_version=FORMAT_VERSION, kind=self.kind, options=options, vocab=self.itos)
-    _atomic_write(directory / CONFIG_FILE, json.dumps(payload, ensure_ascii=False).encode("utf-8"))
+    atomic_write(directory / CONFIG_FILE, json.dumps(payload, ensure_ascii=False).encode("utf-8"))
 
   @classmethod
   def _from_saved(cls, payload: dict, directory: pathlib.Path) -> "WordTokenizer":
@@ -285,10 +285,10 @@ class SentencePieceTokenizer:
     complete, and the recorded hash catches a model file replaced or truncated afterwards."""
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / SPM_FILE, self.model_proto)
+    atomic_write(directory / SPM_FILE, self.model_proto)
     payload = dict(format_version=FORMAT_VERSION, kind=self.kind, options=self.options,
                    model_file=SPM_FILE, model_sha256=hashlib.sha256(self.model_proto).hexdigest())
-    _atomic_write(directory / CONFIG_FILE, json.dumps(payload, ensure_ascii=False).encode("utf-8"))
+    atomic_write(directory / CONFIG_FILE, json.dumps(payload, ensure_ascii=False).encode("utf-8"))
 
   @classmethod
   def _from_saved(cls, payload: dict, directory: pathlib.Path) -> "SentencePieceTokenizer":
@@ -364,16 +364,3 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     raise CheckpointError(f"tokenizer file {path} is incomplete or corrupt: {e!r}") from None
 
 
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-  """Writes a temporary file in the same folder and renames it, so readers never see half a file."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
