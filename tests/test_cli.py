@@ -8,28 +8,12 @@ import io
 import json
 import pathlib
 
-import jax
 import pytest
 
 from jaxlm import cli
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 SOURCE = "synthetic:train=80,test=40,unsup=160"
-
-
-def _share_compilations():
-  """A session-local persistent compilation cache (see tests/test_loop.py): the quickstart below
-  repeats the pipeline's exact models, so its compiles become cache reads."""
-  import tempfile
-  from jax._src import compilation_cache
-  jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="jaxlm-test-xla-"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  compilation_cache.reset_cache()
-
-
-if not jax.config.jax_compilation_cache_dir:
-  _share_compilations()
 
 
 def tiny(prefix="--config."):

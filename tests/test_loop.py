@@ -15,22 +15,6 @@ from jaxlm import checkpoint, commands, config as config_lib, tasks
 SOURCE = "synthetic:train=80,test=40,unsup=160"
 
 
-def _share_compilations():
-  """A session-local persistent compilation cache: every run below builds fresh jitted closures,
-  so jit's in-memory cache never hits, but identical tiny models compile to identical HLO; this
-  turns repeated compiles (most of these tests' time) into cache reads. Nothing outlives the session."""
-  import tempfile
-  from jax._src import compilation_cache
-  jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="jaxlm-test-xla-"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  compilation_cache.reset_cache()
-
-
-if not jax.config.jax_compilation_cache_dir:
-  _share_compilations()
-
-
 def _tiny(config):
   config.data.update(source=SOURCE, batch_size=8, eval_batch_size=8, buckets=(48,), max_len=48)
   config.tokenizer.vocab_size = 200

@@ -86,7 +86,11 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
   def save():
     record = {"epoch": batches.epoch, "batches": batches.get_state(), "last_eval": last_eval,
               "best": best}
-    checkpointer.save(step, state_dict(state), record, metrics=last_eval)
+    # Rank a step for "best" only when it improved the selection metric, so ties (e.g. the extra
+    # eval at a max_steps stop) never replace the earlier best: the checkpointer's best step and
+    # `best["step"]` agree, and a resumed run selects exactly what an uninterrupted one does.
+    improved = best is not None and best["step"] == step
+    checkpointer.save(step, state_dict(state), record, metrics=last_eval if improved else None)
 
   while batches.epoch < tcfg.num_epochs and step < max_steps:
     epoch = batches.epoch
