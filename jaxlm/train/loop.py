@@ -124,9 +124,11 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
           bar.write(f"step {step}: valid " + ", ".join(f"{k} {v:.4g}" for k, v in _scalars(last_eval).items()
                                                         if k != "count"))
         if hooks.select_metric and last_eval:
-          value = last_eval[hooks.select_metric]
-          if best is None or value > best["value"]:
-            best = {"value": value, "step": step, "epoch": epoch + 1}
+          # Higher metric wins; a tie goes to the lower validation loss (small validation sets
+          # make accuracy ties common, and loss separates them).
+          value, loss = last_eval[hooks.select_metric], last_eval.get("loss", float("inf"))
+          if best is None or (value, -loss) > (best["value"], -best.get("loss", float("inf"))):
+            best = {"value": value, "loss": loss, "step": step, "epoch": epoch + 1}
       if due(tcfg.checkpoint_every_steps, epoch_done):
         save()
       if step >= max_steps:
