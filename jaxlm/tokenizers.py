@@ -56,12 +56,25 @@ def _check_can_add(name: str, token_id: int | None) -> None:
                       f"cannot be used; add {name} to config.tokenizer.specials")
 
 
+class _Tokenizer:
+  """What both tokenizers share: single-text encoding and the <bos>/<eos> availability check."""
+
+  def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> np.ndarray:
+    return self.encode_batch([text], add_bos=add_bos, add_eos=add_eos)[0]
+
+  def _check_specials(self, add_bos: bool, add_eos: bool) -> None:
+    if add_bos:
+      _check_can_add("<bos>", self.bos_id)
+    if add_eos:
+      _check_can_add("<eos>", self.eos_id)
+
+
 # ----------------------------------------------------------------------------------------------
 # Word tokenizer
 # ----------------------------------------------------------------------------------------------
 
 
-class WordTokenizer:
+class WordTokenizer(_Tokenizer):
   """Regex word tokenizer with a frequency-ranked vocabulary.
 
   The vocabulary (`itos`) is the specials in order followed by words; unknown words map to
@@ -141,16 +154,10 @@ class WordTokenizer:
     """The word strings of `text` (before vocabulary lookup)."""
     return _tokenize(text, self.lowercase)
 
-  def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> np.ndarray:
-    return self.encode_batch([text], add_bos=add_bos, add_eos=add_eos)[0]
-
   def encode_batch(self, texts: Iterable[str], add_bos: bool = False,
                    add_eos: bool = False) -> list[np.ndarray]:
     """Encodes many texts with one flat lookup and one array, split into per-text views."""
-    if add_bos:
-      _check_can_add("<bos>", self.bos_id)
-    if add_eos:
-      _check_can_add("<eos>", self.eos_id)
+    self._check_specials(add_bos, add_eos)
     get, unk = self.stoi.get, self.unk_id
     head = [self.bos_id] if add_bos else []
     tail = [self.eos_id] if add_eos else []
@@ -195,7 +202,7 @@ def _tokenize(text: str, lowercase: bool) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(_Tokenizer):
   """A sentencepiece unigram/BPE model held as serialized bytes (no files needed to use it)."""
 
   kind = "sentencepiece"
@@ -261,15 +268,9 @@ class SentencePieceTokenizer:
                    input_sentence_size=input_sentence_size, seed=seed)
     return cls(model.getvalue(), options)
 
-  def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> np.ndarray:
-    return self.encode_batch([text], add_bos=add_bos, add_eos=add_eos)[0]
-
   def encode_batch(self, texts: Iterable[str], add_bos: bool = False,
                    add_eos: bool = False) -> list[np.ndarray]:
-    if add_bos:
-      _check_can_add("<bos>", self.bos_id)
-    if add_eos:
-      _check_can_add("<eos>", self.eos_id)
+    self._check_specials(add_bos, add_eos)
     clean = [strip_markup(text) for text in texts]
     if not clean:
       return []
