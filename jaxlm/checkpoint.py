@@ -56,7 +56,7 @@ class Checkpointer:
                async_save: bool = True, read_only: bool = False):
     if best_mode not in ("max", "min"):
       raise ConfigError(f"best checkpoint mode must be 'max' or 'min', got {best_mode!r}")
-    self.workdir = pathlib.Path(workdir)
+    self.workdir = pathlib.Path(workdir).absolute()  # orbax refuses relative paths
     self.directory = self.workdir / "checkpoints"
     if read_only and not self.directory.is_dir():
       raise CheckpointError(f"no checkpoints in {self.directory}: "

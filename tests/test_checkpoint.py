@@ -248,3 +248,14 @@ def test_config_round_trip_and_errors(tmp_path):
   (tmp_path / "config.json").write_text('{"task": "lm",')
   with pytest.raises(CheckpointError, match=r"config\.json is not valid JSON \(line 1"):
     checkpoint.load_config(tmp_path)
+
+
+def test_relative_workdir(tmp_path, monkeypatch):
+  """`--workdir runs/x` is relative; orbax needs absolute paths, so the Checkpointer resolves it."""
+  monkeypatch.chdir(tmp_path)
+  state = {"step": np.int32(1), "params": {"w": np.ones((2, 3), np.float32)}}
+  with Checkpointer("runs/rel", async_save=True) as ckpt:
+    ckpt.save(1, state)
+  assert (tmp_path / "runs" / "rel" / "checkpoints" / "1").is_dir()
+  params = checkpoint.restore_params("runs/rel")
+  np.testing.assert_array_equal(np.asarray(params["w"]), state["params"]["w"])
