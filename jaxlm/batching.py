@@ -359,6 +359,10 @@ class ReviewLMBatches(_BucketedBatches):
                      batch_size=batch_size, buckets=buckets, max_len=width, shuffle=shuffle,
                      seed=seed, drop_remainder=drop_remainder, what="review LM batches")
 
+  def target_ids(self) -> np.ndarray:
+    """Every token an epoch predicts (what the weights mark), without building batches."""
+    return np.concatenate([w[1:] for w in self.windows])
+
   def _make_batch(self, plan, index: int) -> dict[str, np.ndarray]:
     bucket, members = plan[index]
     width, size = self.buckets[bucket], self.batch_size
@@ -418,6 +422,12 @@ class StreamLMBatches(ResumableBatches):
       need = self.bptt + 1 if self.drop_remainder else 2
       raise DataError(f"stream LM data has {len(self.stream)} tokens: too few for "
                       f"{self.batch_size} rows of at least {need} tokens")
+
+  def target_ids(self) -> np.ndarray:
+    """Every token an epoch without random offset predicts: each row's tokens after its first."""
+    rows = self.stream[:self.row_len * self.batch_size].reshape(self.batch_size, self.row_len)
+    steps = self._num_batches * self.bptt if self.drop_remainder else self.row_len - 1
+    return rows[:, 1:1 + steps].ravel()
 
   @staticmethod
   def _concatenate(ids: Sequence[np.ndarray], eos_id: int | None) -> np.ndarray:

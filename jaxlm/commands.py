@@ -167,16 +167,17 @@ def pretrain(config, workdir, *, progress=True) -> dict:
 
 def lm_test_metrics(config, task, eval_step, params, devices) -> dict:
   """Perplexity on the test split's text (never trained on) and an add-one unigram baseline."""
-  test_texts = [r.text for r in tasks.read_split(config, config.data.test_split, labeled=False)]
+  test_texts = [r.text for r in tasks.read_split(config, config.data.test_split, labeled=False,
+                                                 max_examples=config.data.test_max_examples)]
   batches = tasks.lm_batches(config, task.tokenizer, test_texts, shuffle=False, seed=0,
                              batch_size=config.data.eval_batch_size)
   carry = task.carry_init(batches.batch_size)() if task.stream else None
   test = tasks.evaluate_batches(eval_step, params, batches.iter_epoch(0), devices, carry=carry)
-  targets = [b["targets"][b["weights"] > 0] for b in batches.iter_epoch(0)]
-  train_targets = [b["targets"][b["weights"] > 0] for b in task.train_batches.iter_epoch(0)]
-  unigram = metrics.unigram_perplexity(train_targets, targets, task.tokenizer.vocab_size)
+  unigram = metrics.unigram_perplexity([task.train_batches.target_ids()], [batches.target_ids()],
+                                       task.tokenizer.vocab_size)
   return {"test_perplexity": test["perplexity"], "test_loss": test["loss"],
-          "test_tokens": int(test["count"]), "unigram_perplexity": unigram}
+          "test_tokens": int(test["count"]), "test_reviews": len(test_texts),
+          "unigram_perplexity": unigram}
 
 
 def finetune(config, workdir, *, init_from=None, progress=True) -> dict:
@@ -213,7 +214,8 @@ def _classifier_summary(config, run, init_from) -> dict:
 
 
 def classifier_split_metrics(config, task, eval_step, params, devices, split) -> dict:
-  records = tasks.read_split(config, split, labeled=True)
+  records = tasks.read_split(config, split, labeled=True,
+                             max_examples=config.data.test_max_examples)
   batches = tasks.classification_batches(config, task.tokenizer, records, shuffle=False, seed=0,
                                          batch_size=config.data.eval_batch_size)
   out = tasks.evaluate_batches(eval_step, params, batches.iter_epoch(0), devices)

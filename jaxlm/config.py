@@ -22,6 +22,7 @@ def _data() -> ml_collections.ConfigDict:
       source="synthetic",      # synthetic | jsonl:DIR | aclimdb:DIR | csv:FILE | tfds:NAME
       train_split="train",     # several splits join with '+', e.g. 'train+unsup'
       test_split="test",
+      test_max_examples=0,     # 0 = the whole test split; else a seeded random subset of this size
       valid_fraction=0.1,      # seeded hold-out carved from the train split
       num_labeled=0,           # classifier: use only this many labeled examples (0 = all)
       batch_size=32,

@@ -75,15 +75,23 @@ def split_train_valid(records: list, fraction: float, seed: int) -> tuple[list, 
   return train, valid
 
 
-def read_split(config, split: str, *, labeled: bool) -> list:
+def read_split(config, split: str, *, labeled: bool, max_examples: int = 0) -> list:
   """Records of `split` (e.g. 'train+unsup'); `labeled` keeps only labeled records and checks that
-  every label is one of the configured classes (the error names the file and record)."""
+  every label is one of the configured classes (the error names the file and record).
+
+  `max_examples` > 0 keeps a seeded random subset of that size, in the source's order: a test
+  figure on a CPU budget that is still an unbiased sample of the whole split (and says so).
+  """
   source = sources.open_source(config.data.source)
   if not labeled:
-    return source.read(split)
-  records = [r for r in source.read(split, num_classes=config.model.num_classes) if r.label >= 0]
-  if not records:
-    raise DataError(f"{config.data.source} split {split!r} has no labeled records")
+    records = source.read(split)
+  else:
+    records = [r for r in source.read(split, num_classes=config.model.num_classes) if r.label >= 0]
+    if not records:
+      raise DataError(f"{config.data.source} split {split!r} has no labeled records")
+  if 0 < max_examples < len(records):
+    keep = np.sort(np.random.default_rng(0).choice(len(records), max_examples, replace=False))
+    records = [records[i] for i in keep]
   return records
 
 

@@ -271,6 +271,19 @@ def test_stream_random_offset_is_deterministic_and_keeps_batch_count():
   assert all(len(_epoch(make(0), e)) == it.num_batches_per_epoch for e in range(3))
 
 
+@pytest.mark.parametrize("make", [
+    lambda d: ReviewLMBatches(d, 4, pad_id=PAD, bos_id=BOS, eos_id=EOS, max_len=100,
+                              buckets=(32, 64, 128), shuffle=True),
+    lambda d: StreamLMBatches(d, 4, 16, eos_id=EOS, pad_id=PAD),
+    lambda d: StreamLMBatches(d, 3, 16, eos_id=EOS, pad_id=PAD, drop_remainder=True),
+], ids=["review", "stream", "stream_drop_remainder"])
+def test_target_ids_are_exactly_the_weighted_targets(make):
+  """The unigram baseline counts target_ids() instead of building an epoch of batches."""
+  it = make(_docs(40, high=300))
+  targets = np.concatenate([b["targets"][b["weights"] > 0] for b in _epoch(it)])
+  np.testing.assert_array_equal(np.sort(it.target_ids()), np.sort(targets))
+
+
 def test_config_and_data_errors():
   with pytest.raises(ConfigError):
     _clf(batch_size=0)

@@ -26,7 +26,7 @@ def tiny(prefix="--config."):
 
 
 LM_ARGS = ["--config", f"{CONFIGS}/quickstart.py:pretrain", *tiny(), "--config.train.max_steps=6",
-           "--noprogress"]
+           "--config.data.test_max_examples=30", "--noprogress"]
 CLF_ARGS = ["--config", f"{CONFIGS}/quickstart.py:finetune", *tiny(),
             "--config.train.num_epochs=1", "--noprogress"]
 
@@ -58,6 +58,7 @@ def test_pretrain_writes_a_complete_workdir(pipeline):
   for key in ("test_perplexity", "unigram_perplexity", "test_tokens", "valid", "parameters", "vocab_size"):
     assert key in summary, key
   assert 1 < summary["test_perplexity"] < summary["vocab_size"] + 10
+  assert summary["test_reviews"] == 30  # a seeded subset of the 40 test reviews, as configured
   rows = [json.loads(l) for l in (lm / "metrics.jsonl").read_text().splitlines()]
   assert {r["split"] for r in rows} == {"train", "valid"} and rows[-1]["step"] == 6
   assert json.loads((lm / "config.json").read_text())["model"]["hidden_size"] == 32  # overrides kept
