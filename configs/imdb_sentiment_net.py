@@ -22,7 +22,8 @@ def get_config():
   config.model.update(name="sentiment_net", embed_dim=256, hidden_size=256, num_layers=2,
                       pooling="mean", loss="bce", dropout_embed=0.1, dropout_hidden=0.2,
                       dropout_output=0.3)
-  config.optim.update(learning_rate=1e-3, schedule="stlr", grad_clip=1.0)
+  # Peak rate of the head; each lower group gets 1/2.6 of the one above (ULMFiT).
+  config.optim.update(learning_rate=4e-3, schedule="stlr", grad_clip=1.0)
   config.train.update(num_epochs=4, log_every_steps=50)
   config.finetune.update(strategy="gradual", discriminative_decay=2.6)
   return config

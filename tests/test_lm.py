@@ -175,3 +175,32 @@ def test_dropout_is_variational_and_deterministic_flag_works():
   assert not np.allclose(a, c)
   with pytest.raises(Exception):  # no 'dropout' rng in train mode
     model.apply({"params": params}, inputs, targets, deterministic=False)
+
+
+@pytest.mark.parametrize("tail_share", [0.03, 0.9], ids=["gathered", "dense_fallback"])
+def test_adaptive_gathered_tails_are_exact_in_value_and_gradient(tail_share):
+  """Tail terms run on gathered rows when the members fit the capacity, densely otherwise;
+  both must equal the reference -log p(target) from the full log-probs, gradients included."""
+  from jaxlm.models.lm import AdaptiveSoftmax, _tail_capacity
+  vocab, hidden, rows, cutoffs = 200, 16, 512, (50, 120)
+  rng = np.random.RandomState(0)
+  h = jnp.asarray(rng.randn(rows, hidden), jnp.float32)
+  in_tail = rng.rand(rows) < tail_share
+  targets = jnp.asarray(np.where(in_tail, rng.randint(50, vocab, rows), rng.randint(0, 50, rows)))
+  members = int(np.sum(np.asarray(targets) >= 50))
+  capacity = _tail_capacity(rows, 50, 120, vocab) + _tail_capacity(rows, 120, vocab, vocab)
+  assert (members < capacity / 2) if tail_share < 0.5 else (members > capacity)
+  model = AdaptiveSoftmax(vocab, hidden, cutoffs)
+  params = model.init(jax.random.key(0), h, targets, method=model.nll)["params"]
+
+  def loss(p, x):
+    return jnp.sum(model.apply({"params": p}, x, targets, method=model.nll))
+
+  def reference(p, x):
+    logp = model.apply({"params": p}, x, method=model.log_probs)
+    return -jnp.sum(jnp.take_along_axis(logp, targets[:, None], -1))
+
+  np.testing.assert_allclose(jax.jit(loss)(params, h), reference(params, h), rtol=1e-5)
+  got, want = jax.grad(loss, (0, 1))(params, h), jax.grad(reference, (0, 1))(params, h)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
