@@ -119,6 +119,8 @@ def train(config, workdir, *, kind, init_params=None, tokenizer=None, progress=T
       carry_init=task.carry_init(), on_state_for_epoch=on_state_for_epoch,
       select_metric=config.finetune.select_metric if kind == "classifier" else None)
   writer = metrics.MetricsWriter(workdir)
+  if resuming:
+    writer.rewind(int(jax.device_get(state.step)))
   _log(f"{kind}: {params_lib.count_params(params):,} parameters, {task.info}, "
        f"{task.train_batches.num_batches_per_epoch} batches/epoch on {devices.count} "
        f"{jax.devices()[0].platform} device(s)")

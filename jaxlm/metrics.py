@@ -14,6 +14,8 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from jaxlm import files
+
 
 def perplexity(nll_sum: float, token_count: float) -> float:
   """exp(mean negative log-likelihood over real target tokens); inf when the mean overflows."""
@@ -62,7 +64,8 @@ class MetricsWriter:
   """Appends one JSON object per line to `{workdir}/metrics.jsonl` and plots it to PNG.
 
   Appending keeps every earlier line intact when a run is resumed; each line is flushed as written,
-  so an interrupted run loses at most the line being written.
+  so an interrupted run loses at most the line being written. A resumed run first `rewind`s to its
+  checkpoint's step: the lines an interrupted run wrote after that step are replayed, not doubled.
   """
 
   def __init__(self, workdir: str | os.PathLike, filename: str = "metrics.jsonl"):
@@ -71,6 +74,14 @@ class MetricsWriter:
   def write(self, record: Mapping) -> None:
     with open(self.path, "a", encoding="utf-8") as f:
       f.write(json.dumps(_jsonable(record)) + "\n")
+
+  def rewind(self, step: int) -> int:
+    """Drops the records after `step` (atomically); returns how many were dropped."""
+    records = self.read()
+    keep = [r for r in records if r.get("step", 0) <= step]
+    if len(keep) < len(records):
+      files.atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode("utf-8"))
+    return len(records) - len(keep)
 
   def read(self) -> list[dict]:
     if not self.path.exists():

@@ -68,6 +68,9 @@ def gradual_runs(tmp_path_factory):
   one_go, resumed = root / "one_go", root / "resumed"
   full = commands.finetune(gradual_config(), one_go, progress=False)
   half = commands.finetune(gradual_config(max_steps=12), resumed, progress=False)
+  # A killed run logs past its last checkpoint; the rerun must replay those steps, not double them.
+  with open(resumed / "metrics.jsonl", "a") as f:
+    f.write(json.dumps({"step": 13, "epoch": 2, "split": "train", "loss": 99.0}) + "\n")
   rest = commands.finetune(gradual_config(), resumed, progress=False)
   return dict(one_go=one_go, resumed=resumed, full=full, half=half, rest=rest)
 
