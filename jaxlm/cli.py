@@ -40,6 +40,8 @@ def _define_flags(command: str, argv: list[str]):
   if command in ("evaluate", "predict"):
     if command == "evaluate":
       flags.DEFINE_string("split", "test", "Split of the run's data source to evaluate on.", flag_values=fv)
+      flags.DEFINE_integer("max_examples", 0, "Evaluate on a seeded random subset of this many "
+                           "examples (0 = the whole split).", lower_bound=0, flag_values=fv)
     flags.DEFINE_string("which", "best", "Checkpoint: best (by validation) or latest.", flag_values=fv)
   flags.DEFINE_bool("progress", True, "Show progress bars.", flag_values=fv)
   return fv
@@ -66,7 +68,8 @@ def _run(command: str, argv: list[str]) -> None:
     commands.finetune(_required_config(flags, command), flags.workdir, init_from=flags.init_from,
                       progress=flags.progress)
   elif command == "evaluate":
-    commands.evaluate(flags.workdir, split=flags.split, which=flags.which)
+    commands.evaluate(flags.workdir, split=flags.split, which=flags.which,
+                      max_examples=flags.max_examples)
   elif command == "predict":
     texts = rest or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     commands.predict(flags.workdir, texts, which=flags.which)

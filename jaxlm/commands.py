@@ -236,12 +236,15 @@ def _load_run(workdir, which):
   return config, tokenizer, model, params
 
 
-def evaluate(workdir, *, split="test", which="best") -> dict:
-  """Accuracy, loss and confusion matrix (classifier) or perplexity (LM) from the workdir alone."""
+def evaluate(workdir, *, split="test", which="best", max_examples=0) -> dict:
+  """Accuracy, loss and confusion matrix (classifier) or perplexity (LM) from the workdir alone.
+
+  `max_examples` > 0: a seeded random subset of the split (the same one for the same number).
+  """
   config, tokenizer, model, params = _load_run(workdir, which)
   devices = loop.Devices.create(1)
   if config.task == "lm":
-    records = tasks.read_split(config, split, labeled=False)
+    records = tasks.read_split(config, split, labeled=False, max_examples=max_examples)
     batches = tasks.lm_batches(config, tokenizer, [r.text for r in records], shuffle=False, seed=0,
                                batch_size=config.data.eval_batch_size)
     eval_step = steps.make_eval_step(steps.lm_loss(model))
@@ -249,7 +252,7 @@ def evaluate(workdir, *, split="test", which="best") -> dict:
     out = tasks.evaluate_batches(eval_step, params, batches.iter_epoch(0), devices, carry=carry)
     _log(f"{split}: perplexity {out['perplexity']:.3f}, loss {out['loss']:.4f} over {int(out['count']):,} tokens")
   else:
-    records = tasks.read_split(config, split, labeled=True)
+    records = tasks.read_split(config, split, labeled=True, max_examples=max_examples)
     batches = tasks.classification_batches(config, tokenizer, records, shuffle=False, seed=0,
                                            batch_size=config.data.eval_batch_size)
     eval_step = steps.make_eval_step(steps.classifier_loss(model, config.model.loss, config.model.num_classes))

@@ -88,6 +88,11 @@ def test_evaluate_matches_finetune_summary(pipeline, capsys):
   assert "confusion matrix" in out
   code, out, err = run(capsys, "evaluate", "--workdir", pipeline["lm"], "--which", "latest")
   assert code == 0 and "perplexity" in out, err
+  # The pretrain summary measured 30 of the 40 test reviews; evaluate picks the same subset.
+  lm_summary = json.loads((pipeline["lm"] / "summary.json").read_text())
+  code, out, err = run(capsys, "evaluate", "--workdir", pipeline["lm"], "--which", "latest",
+                       "--max_examples", 30)
+  assert code == 0 and f"test: perplexity {lm_summary['test_perplexity']:.3f}" in out, (out, err)
 
 
 def _predictions(out):
