@@ -4,7 +4,10 @@
     jaxlm finetune --config configs/imdb_sentiment_net.py --init-from runs/imdb_lm \
         --workdir runs/imdb_sentnet --config.data.source=jsonl:../shared/data/imdb
 
-Model sizes must match the LM's (the graft checks and names any mismatch).
+Model sizes must match the LM's (the graft checks and names any mismatch). Training follows the
+seed: every weight fine-tuned from the first step at one rate (GluonNLP: lr 5e-3, no freezing);
+here Adam with a slanted triangular schedule peaking at 3e-3, gradient clipping, 3 epochs.
+`configs/imdb_ulmfit.py` is the ULMFiT recipe (gradual unfreezing, discriminative rates).
 """
 from jaxlm.config import classifier_config
 
@@ -22,8 +25,7 @@ def get_config():
   config.model.update(name="sentiment_net", embed_dim=256, hidden_size=256, num_layers=2,
                       pooling="mean", loss="bce", dropout_embed=0.1, dropout_hidden=0.2,
                       dropout_output=0.3)
-  # Peak rate of the head; each lower group gets 1/2.6 of the one above (ULMFiT).
-  config.optim.update(learning_rate=4e-3, schedule="stlr", grad_clip=1.0)
-  config.train.update(num_epochs=4, log_every_steps=50)
-  config.finetune.update(strategy="gradual", discriminative_decay=2.6)
+  config.optim.update(learning_rate=3e-3, schedule="stlr", grad_clip=1.0)
+  config.train.update(num_epochs=3, log_every_steps=50)
+  config.finetune.update(strategy="full", discriminative_decay=1.0)
   return config

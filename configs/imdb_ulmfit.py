@@ -1,12 +1,12 @@
-"""ULMFiT's classifier on IMDB: `imdb_sentiment_net.py` with concat pooling and an MLP head.
+"""ULMFiT's classifier recipe on IMDB (Howard & Ruder 2018), grafted from `configs/imdb_lm.py`.
 
     jaxlm finetune --config configs/imdb_ulmfit.py --init-from runs/imdb_lm \
         --workdir runs/imdb_ulmfit --config.data.source=jsonl:../shared/data/imdb
 
-Same graft, tokenizer, strategy (gradual unfreezing, discriminative rates / 2.6 per group, slanted
-triangular schedule) and budget as SentimentNet; only the pooling ([last, max, mean] over valid
-steps, Howard & Ruder 2018) and the 50-unit hidden layer of the head differ, so the two runs
-compare pooling heads on the same LM.
+SentimentNet's data, model sizes and graft, with ULMFiT's choices: concat pooling ([last, max,
+mean] over valid steps) into a 50-unit hidden layer, gradual unfreezing (epoch 1 the head, then one
+more layer group per epoch from the top), discriminative rates (each group 1/2.6 of the one above)
+and the slanted triangular schedule over the whole run.
 """
 from jaxlm.config import CONFIG_DIR, load_config_file
 
@@ -14,4 +14,7 @@ from jaxlm.config import CONFIG_DIR, load_config_file
 def get_config():
   config = load_config_file(CONFIG_DIR / "imdb_sentiment_net.py")
   config.model.update(pooling="concat", head_hidden=50)
+  config.optim.update(learning_rate=4e-3, schedule="stlr", grad_clip=1.0)
+  config.train.update(num_epochs=4)  # head, +layer_1, +layer_0, +embed
+  config.finetune.update(strategy="gradual", discriminative_decay=2.6)
   return config
