@@ -44,7 +44,9 @@ torch.set_num_threads(NUM_THREADS)
 LM_CONFIGS = {
     "small": dict(vocab=1000, embed=64, hidden=128, layers=1, batch=32, bptt=64),
     "seed001": dict(vocab=10000, embed=128, hidden=256, layers=1, batch=32, bptt=64),
-    "imdb": dict(vocab=25000, embed=256, hidden=512, layers=2, batch=32, bptt=64),
+    # = configs/imdb_lm.py: 20,000 words + 4 specials, batch 64 x 128-step windows, 2k/8k cutoffs.
+    "imdb": dict(vocab=20004, embed=256, hidden=256, layers=2, batch=64, bptt=128,
+                 cutoffs=(2000, 8000)),
 }
 
 
@@ -63,8 +65,12 @@ def zipf_ids(rng, vocab, shape):
   return np.clip(np.floor(np.exp(u * np.log(vocab + 1.0))).astype(np.int64) - 1, 0, vocab - 1)
 
 
-def adaptive_cutoffs(vocab):
-  """Head of the most frequent 2k words (1/5 of a small vocab), tails split at 10k."""
+def adaptive_cutoffs(cfg):
+  """The config's cutoffs, else a head of the most frequent 2k words (1/5 of a small vocab) and
+  tails split at 10k."""
+  if "cutoffs" in cfg:
+    return tuple(cfg["cutoffs"])
+  vocab = cfg["vocab"]
   if vocab <= 2000:
     return (vocab // 5, vocab // 2)
   return (2000, 10000) if vocab > 10000 else (2000, vocab // 2)
@@ -77,7 +83,7 @@ def adaptive_cutoffs(vocab):
 def jax_lm_step(cfg, output, seed=0):
   extra = {}
   if output == "adaptive":
-    extra = dict(output="adaptive", adaptive_cutoffs=adaptive_cutoffs(cfg["vocab"]))
+    extra = dict(output="adaptive", adaptive_cutoffs=adaptive_cutoffs(cfg))
   elif output == "sampled":
     extra = dict(output="sampled", num_sampled=num_sampled(cfg["vocab"]))
   model = LSTMLanguageModel(cfg["vocab"], cfg["embed"], cfg["hidden"], cfg["layers"], **extra)
@@ -160,7 +166,7 @@ class TorchLM(torch.nn.Module):
     self.lstm = torch.nn.LSTM(cfg["embed"], cfg["hidden"], cfg["layers"], batch_first=True)
     if output == "adaptive":
       self.decoder = torch.nn.AdaptiveLogSoftmaxWithLoss(
-          cfg["hidden"], cfg["vocab"], list(adaptive_cutoffs(cfg["vocab"])), div_value=4.0)
+          cfg["hidden"], cfg["vocab"], list(adaptive_cutoffs(cfg)), div_value=4.0)
     else:
       self.decoder = torch.nn.Linear(cfg["hidden"], cfg["vocab"])
     v = self.vocab
@@ -242,7 +248,7 @@ def lm_matmul_flops(cfg, output):
   elif output == "sampled":
     out = 2 * n * h * (num_sampled(v) + 1)
   elif output == "adaptive":
-    cuts = list(adaptive_cutoffs(v)) + [v]
+    cuts = list(adaptive_cutoffs(cfg)) + [v]
     out = 2 * n * h * (cuts[0] + len(cuts) - 1)
     for i in range(len(cuts) - 1):
       d = int(h // 4 ** (i + 1))
