@@ -85,6 +85,13 @@ class ResumableBatches:
       raise IndexError(f"batch index {index} outside 0..{self.num_batches_per_epoch - 1}")
     return self._make_batch(self._epoch_plan(epoch), index)
 
+  def epoch_batches(self, epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Yields every batch of `epoch` from its first, without moving the position: what evaluation
+    uses, so that a pass stopped early (eval_max_batches) leaves the next pass unchanged."""
+    plan_epoch = int(epoch)
+    for index in range(self.num_batches_per_epoch):
+      yield self.batch(plan_epoch, index)
+
   def iter_epoch(self, epoch: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Yields the remaining batches of `epoch` (default: the current one).
 

@@ -111,7 +111,7 @@ def train(config, workdir, *, kind, init_params=None, tokenizer=None, progress=T
     if task.valid_batches is None:
       return {}
     carry = task.carry_init(task.valid_batches.batch_size)() if task.stream else None
-    return tasks.evaluate_batches(eval_step, params, task.valid_batches.iter_epoch(0), devices,
+    return tasks.evaluate_batches(eval_step, params, task.valid_batches.epoch_batches(), devices,
                                   carry=carry, max_batches=config.train.eval_max_batches)
 
   hooks = loop.Hooks(
@@ -174,7 +174,7 @@ def lm_test_metrics(config, task, eval_step, params, devices) -> dict:
   batches = tasks.lm_batches(config, task.tokenizer, test_texts, shuffle=False, seed=0,
                              batch_size=config.data.eval_batch_size)
   carry = task.carry_init(batches.batch_size)() if task.stream else None
-  test = tasks.evaluate_batches(eval_step, params, batches.iter_epoch(0), devices, carry=carry)
+  test = tasks.evaluate_batches(eval_step, params, batches.epoch_batches(), devices, carry=carry)
   unigram = metrics.unigram_perplexity([task.train_batches.target_ids()], [batches.target_ids()],
                                        task.tokenizer.vocab_size)
   return {"test_perplexity": test["perplexity"], "test_loss": test["loss"],
@@ -220,7 +220,7 @@ def classifier_split_metrics(config, task, eval_step, params, devices, split) ->
                              max_examples=config.data.test_max_examples)
   batches = tasks.classification_batches(config, task.tokenizer, records, shuffle=False, seed=0,
                                          batch_size=config.data.eval_batch_size)
-  out = tasks.evaluate_batches(eval_step, params, batches.iter_epoch(0), devices)
+  out = tasks.evaluate_batches(eval_step, params, batches.epoch_batches(), devices)
   train_majority = int(np.argmax(task.info["label_counts"]))
   out["majority_accuracy"] = float(np.mean([r.label == train_majority for r in records]))
   return out
@@ -249,14 +249,14 @@ def evaluate(workdir, *, split="test", which="best", max_examples=0) -> dict:
                                batch_size=config.data.eval_batch_size)
     eval_step = steps.make_eval_step(steps.lm_loss(model))
     carry = tasks.zero_state(config.model, config.data.eval_batch_size) if config.data.lm_mode == "stream" else None
-    out = tasks.evaluate_batches(eval_step, params, batches.iter_epoch(0), devices, carry=carry)
+    out = tasks.evaluate_batches(eval_step, params, batches.epoch_batches(), devices, carry=carry)
     _log(f"{split}: perplexity {out['perplexity']:.3f}, loss {out['loss']:.4f} over {int(out['count']):,} tokens")
   else:
     records = tasks.read_split(config, split, labeled=True, max_examples=max_examples)
     batches = tasks.classification_batches(config, tokenizer, records, shuffle=False, seed=0,
                                            batch_size=config.data.eval_batch_size)
     eval_step = steps.make_eval_step(steps.classifier_loss(model, config.model.loss, config.model.num_classes))
-    out = tasks.evaluate_batches(eval_step, params, batches.iter_epoch(0), devices)
+    out = tasks.evaluate_batches(eval_step, params, batches.epoch_batches(), devices)
     _log(f"{split}: accuracy {out['accuracy']:.4f}, loss {out['loss']:.4f} on {int(out['count']):,} examples")
     _log("confusion matrix (rows = label, columns = prediction):")
     for i, row in enumerate(out["confusion"]):
@@ -278,7 +278,7 @@ def predict(workdir, texts, *, which="best") -> list[dict]:
       shuffle=False, seed=0, include_index=True)
   forward = jax.jit(lambda p, tokens, lengths: model.apply({"params": p}, tokens, lengths))
   probs = np.zeros((len(texts), max(2, config.model.num_classes)), np.float64)
-  for batch in batches.iter_epoch(0):
+  for batch in batches.epoch_batches():
     logits = np.asarray(forward(params, batch["tokens"], batch["lengths"]), np.float64)
     if config.model.loss == "bce":
       p1 = 1.0 / (1.0 + np.exp(-logits[:, 0]))

@@ -284,6 +284,19 @@ def test_target_ids_are_exactly_the_weighted_targets(make):
   np.testing.assert_array_equal(np.sort(it.target_ids()), np.sort(targets))
 
 
+def test_epoch_batches_always_start_at_the_first_batch_and_keep_the_position():
+  """Evaluation stops early with eval_max_batches; the next evaluation must see the same batches
+  (a shared position made successive held-out evaluations alternate between subsets)."""
+  it = ReviewLMBatches(_docs(40, high=300), 4, pad_id=PAD, bos_id=BOS, eos_id=EOS, max_len=100,
+                       buckets=(32, 64, 128), shuffle=False)
+  first = [b for _, b in zip(range(3), it.epoch_batches())]
+  again = [b for _, b in zip(range(3), it.epoch_batches())]
+  _same(first, again)
+  _same(first, [it.batch(0, i) for i in range(3)])
+  assert (it.epoch, it.index) == (0, 0)
+  assert sum(1 for _ in it.epoch_batches()) == it.num_batches_per_epoch
+
+
 def test_config_and_data_errors():
   with pytest.raises(ConfigError):
     _clf(batch_size=0)
