@@ -7,7 +7,8 @@
 Model sizes must match the LM's (the graft checks and names any mismatch). Training follows the
 seed: every weight fine-tuned from the first step at one rate (GluonNLP: lr 5e-3, no freezing);
 here Adam with a slanted triangular schedule peaking at 3e-3, gradient clipping, 3 epochs.
-`configs/imdb_ulmfit.py` is the ULMFiT recipe (gradual unfreezing, discriminative rates).
+ULMFiT's recipe is `--config.finetune.strategy=gradual --config.finetune.discriminative_decay=2.6`
+(RESULTS.md: with concat pooling its head-only first epoch did not learn here).
 """
 from jaxlm.config import classifier_config
 

@@ -43,6 +43,8 @@ torch.set_num_threads(NUM_THREADS)
 # name: (vocab, embed, hidden, layers, batch, bptt, output, extra)
 LM_CONFIGS = {
     "small": dict(vocab=1000, embed=64, hidden=128, layers=1, batch=32, bptt=64),
+    # = configs/quickstart.py:pretrain (its synthetic corpus has 286 words + 4 specials).
+    "quickstart": dict(vocab=290, embed=64, hidden=128, layers=2, batch=32, bptt=96),
     "seed001": dict(vocab=10000, embed=128, hidden=256, layers=1, batch=32, bptt=64),
     # = configs/imdb_lm.py: 20,000 words + 4 specials, batch 64 x 128-step windows, 2k/8k cutoffs.
     "imdb": dict(vocab=20004, embed=256, hidden=256, layers=2, batch=64, bptt=128,
@@ -305,7 +307,7 @@ def bench(name, jax_run, torch_run, flops, tokens, rounds, steps):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--configs", default="small,seed001,imdb,seed003",
+  parser.add_argument("--configs", default="quickstart,seed001,imdb,seed003",
                       help="comma list of: " + ",".join(list(LM_CONFIGS) + ["seed003"]))
   parser.add_argument("--outputs", default="full,adaptive,sampled")
   parser.add_argument("--rounds", type=int, default=3)
