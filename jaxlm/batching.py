@@ -88,9 +88,8 @@ class ResumableBatches:
   def epoch_batches(self, epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Yields every batch of `epoch` from its first, without moving the position: what evaluation
     uses, so that a pass stopped early (eval_max_batches) leaves the next pass unchanged."""
-    plan_epoch = int(epoch)
     for index in range(self.num_batches_per_epoch):
-      yield self.batch(plan_epoch, index)
+      yield self.batch(int(epoch), index)
 
   def iter_epoch(self, epoch: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Yields the remaining batches of `epoch` (default: the current one).

@@ -172,6 +172,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       raise ConfigError(f"config.{key} must be >= 1, got {_get(config, key)}")
   if not 0.0 <= config.data.valid_fraction < 1.0:
     raise ConfigError(f"config.data.valid_fraction must be in [0, 1), got {config.data.valid_fraction}")
+  if config.data.get("test_max_examples", 0) < 0:
+    raise ConfigError(f"config.data.test_max_examples must be >= 0 (0 = the whole test split), "
+                      f"got {config.data.test_max_examples}")
   if config.task == "classifier":
     if config.model.loss not in ("bce", "softmax"):
       raise ConfigError(f"config.model.loss={config.model.loss!r} is not one of bce, softmax")

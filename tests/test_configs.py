@@ -118,3 +118,11 @@ def test_inspect_applies_overrides(capsys):
   # 25002*100 + (100+8)*32 + 2*32 + 8 + 1
   expected = 25002 * 100 + (100 + 8) * 32 + 2 * 32 + 8 + 1
   assert f"total trainable parameters: {expected:,}" in out
+
+
+def test_negative_test_subset_is_a_config_error():
+  from jaxlm.errors import ConfigError
+  config = config_lib.lm_config()
+  config.data.test_max_examples = -5
+  with pytest.raises(ConfigError, match="test_max_examples"):
+    config_lib.validate(config)

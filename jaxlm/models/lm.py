@@ -216,9 +216,9 @@ class AdaptiveSoftmax(nn.Module):
       if capacity >= h.shape[0]:
         term = _dense_tail_term(weights, h, local, member)
       else:
-        # Under autodiff, lax.cond pads each branch's residuals to the union of both: without
-        # remat the gathered branch would carry zeros shaped like the dense branch's [N, cluster]
-        # logits (0.6 GB per IMDB step). Rematerialised branches save only their inputs.
+        # Under autodiff, lax.cond makes both branches return the union of their residuals, so
+        # the gathered branch could carry zero-filled [N, cluster] logits of the dense one.
+        # Rematerialised branches keep only their inputs (measured: a few % faster, not more).
         term = jax.lax.cond(
             jnp.sum(member) <= capacity,
             jax.checkpoint(functools.partial(_gathered_tail_term, capacity=capacity)),
