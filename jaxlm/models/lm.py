@@ -1,16 +1,17 @@
 """LSTM language model (AWD-LSTM style) with a full, sampled or adaptive softmax output.
 
 Why several outputs: on a CPU the output layer, not the LSTM, decides what a step costs (a Dense
-to a 10k-25k vocabulary plus its softmax is ~75% of a step, PERF-NOTES.md). So:
+to a 10k-25k vocabulary plus its softmax is ~75% of a step, BENCHMARKS.md). So:
 - `output='full'`: exact softmax over the vocabulary, train and eval.
 - `output='sampled'`: sampled softmax during training (shared log-uniform negatives, log-Q
   corrected, accidental hits removed); a biased but cheap training loss. Evaluation
   (`deterministic=True`) always uses the full softmax, so reported perplexities are exact.
   Assumes ids are ordered by frequency (the word tokenizer's vocabulary is, after the specials).
+  The output bias starts at the proposal's log-probabilities (see SoftmaxDecoder).
 - `output='adaptive'`: adaptive softmax (Grave et al. 2017): a head over the frequent words plus
   one logit per tail cluster, tails through a projection `div_value**(i+1)` times smaller. It is a
   different, exactly normalised model, so train and eval NLL are both exact likelihoods.
-  Tails are computed densely for every position: static shapes, no gathers (what XLA likes).
+  Each tail runs only on the rows whose target falls in it (see AdaptiveSoftmax.nll).
 
 Submodules: `embed` (nn.Embed), `encoder` (LSTMEncoder), `decoder`:
 - full/sampled, untied: `decoder/{kernel [H,V], bias [V]}` (nn.Dense's names and layout).
@@ -78,7 +79,14 @@ class SoftmaxDecoder(nn.Module):
       bound = 1.0 / math.sqrt(self.hidden_size)  # nn.Linear's default init
       self.kernel = self.param("kernel", _uniform(bound), (self.hidden_size, self.vocab_size),
                                self.param_dtype)
-    self.bias = self.param("bias", nn.initializers.zeros, (self.vocab_size,), self.param_dtype)
+    # Sampled training starts the model at its proposal: bias = log Q(v). With a zero bias the
+    # log-Q-corrected logit of a rare negative (-log Q ~ 12 for a 20k vocabulary) dwarfs every
+    # other candidate, so whichever rare word is drawn dominates the gradient of all rows at once;
+    # the IMDB LM then got worse than a unigram model (held-out perplexity 1,462 after 400 steps,
+    # RESULTS.md). Starting at Q makes every importance weight ~1 and the estimator well behaved.
+    bias_init = (_log_uniform_init(self.vocab_size) if self.num_sampled > 0
+                 else nn.initializers.zeros)
+    self.bias = self.param("bias", bias_init, (self.vocab_size,), self.param_dtype)
 
   def _features_and_weights(self, h, embedding):
     """Returns (features [..., D], output matrix W [D, V] or None, embedding [V, D] or None)."""
@@ -129,6 +137,13 @@ class SoftmaxDecoder(nn.Module):
     s_logits = jnp.where(hit, -1e30, s_logits)
     all_logits = jnp.concatenate([t_logits[..., None], s_logits], axis=-1)
     return jax.nn.logsumexp(all_logits, axis=-1) - t_logits
+
+
+def _log_uniform_init(vocab_size):
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    return log_uniform_log_prob(jnp.arange(shape[0]), vocab_size).astype(dtype)
+  return init
 
 
 def _uniform(bound):
