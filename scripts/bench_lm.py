@@ -46,7 +46,8 @@ LM_CONFIGS = {
     # = configs/quickstart.py:pretrain (its synthetic corpus has 286 words + 4 specials).
     "quickstart": dict(vocab=290, embed=64, hidden=128, layers=2, batch=32, bptt=96),
     "seed001": dict(vocab=10000, embed=128, hidden=256, layers=1, batch=32, bptt=64),
-    # = configs/imdb_lm.py: 20,000 words + 4 specials, batch 64 x 128-step windows, 2k/8k cutoffs.
+    # = configs/imdb_lm.py: 20,000 words + 4 specials, batch 64 x 128-step windows (its output is
+    # sampled; the cutoffs are its adaptive alternative).
     "imdb": dict(vocab=20004, embed=256, hidden=256, layers=2, batch=64, bptt=128,
                  cutoffs=(2000, 8000)),
 }
