@@ -34,12 +34,16 @@ def accumulate(total: dict | None, batch_metrics: Mapping) -> dict:
 
 
 def summarize(total: Mapping) -> dict:
-  """Turns metric sums into the numbers users read: loss, perplexity (LM), accuracy (classifier)."""
+  """Turns metric sums into the numbers users read: loss, perplexity (LM), accuracy (classifier).
+
+  Sums from sampled-softmax training (`sampled_batches`) get no perplexity: exp of a sampled loss
+  is not one, and printing it beside real held-out perplexities would mislead.
+  """
   weight = float(total["weight_sum"])
   out = {"loss": float(total["loss_sum"]) / max(weight, 1e-12), "count": weight}
   if "correct" in total:
     out["accuracy"] = float(total["correct"]) / max(weight, 1e-12)
-  else:
+  elif not total.get("sampled_batches"):
     out["perplexity"] = perplexity(float(total["loss_sum"]), weight)
   if "confusion" in total:
     out["confusion"] = np.asarray(total["confusion"]).astype(int).tolist()

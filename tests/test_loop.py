@@ -144,3 +144,15 @@ def test_stream_lm_trains_and_evaluates(tmp_path):
   assert [r["step"] for r in _rows(tmp_path / "lm", "valid")] == [6]
   out = commands.evaluate(tmp_path / "lm", split="test", which="latest")
   assert out["perplexity"] == pytest.approx(summary["test_perplexity"], rel=1e-4)
+
+
+def test_sampled_lm_reports_train_loss_not_perplexity(tmp_path):
+  """exp(sampled training loss) is not a perplexity: train rows omit it, held-out rows are exact."""
+  config = lm_config(max_steps=3)
+  config.model.update(output="sampled", num_sampled=16)
+  summary = commands.pretrain(config, tmp_path / "lm", progress=False)
+  train_rows = _rows(tmp_path / "lm", "train")
+  assert train_rows and all("loss" in r and "perplexity" not in r for r in train_rows)
+  valid = _rows(tmp_path / "lm", "valid")[-1]
+  assert valid["perplexity"] == pytest.approx(np.exp(valid["loss"]), rel=1e-6)
+  assert 1 < summary["test_perplexity"] < 300

@@ -43,7 +43,12 @@ LossFn = Callable[..., tuple[jax.Array, dict, Any]]
 
 
 def lm_loss(model) -> LossFn:
-  """Per-token NLL summed over real (weight 1) target tokens; padding contributes nothing."""
+  """Per-token NLL summed over real (weight 1) target tokens; padding contributes nothing.
+
+  A sampled-softmax model's training NLL is not a likelihood (eval steps use the exact softmax),
+  so its train metrics carry `sampled_batches` and are reported as a loss, never as perplexity.
+  """
+  sampled = getattr(model, "output", "full") == "sampled"
 
   def loss(params, batch, carry, rng, train):
     nll, final_state = model.apply(
@@ -52,6 +57,8 @@ def lm_loss(model) -> LossFn:
     weights = batch["weights"]
     loss_sum = jnp.sum(nll * weights)
     metrics = {"loss_sum": loss_sum, "weight_sum": jnp.sum(weights)}
+    if sampled and train:
+      metrics["sampled_batches"] = jnp.ones((), jnp.float32)
     new_carry = None if carry is None else jax.lax.stop_gradient(final_state)
     return loss_sum, metrics, new_carry
 
