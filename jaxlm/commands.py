@@ -74,9 +74,14 @@ def train(config, workdir, *, kind, init_params=None, tokenizer=None, progress=T
   state = steps.create_state(params, optimizer(0), seed)
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.max_to_keep,
                                  best_metric=config.finetune.select_metric if kind == "classifier" else None)
-  meta = None
+  meta, carry = None, None
   if resuming:
-    restored, meta = _restore_any_phase(ckpt, params, plan, optimizer, seed)
+    carry_init = task.carry_init()
+    restored, meta = _restore_any_phase(ckpt, params, plan, optimizer, seed,
+                                        carry_init() if carry_init else None)
+    carry = restored.pop("carry", None)
+    if carry is not None:  # rows of the carried state go where the rows of the batches go
+      carry = devices.shard_batch(carry)
     state = steps.TrainState(**restored)
     _log(f"resuming {workdir} from step {int(state.step)} (epoch {meta.get('epoch', 0) + 1})")
   else:
@@ -127,7 +132,7 @@ def train(config, workdir, *, kind, init_params=None, tokenizer=None, progress=T
   t0 = time.perf_counter()
   state, result = loop.fit(config=config, state=state, batches=task.train_batches, hooks=hooks,
                            checkpointer=ckpt, writer=writer, devices=devices, meta=meta,
-                           progress=progress)
+                           carry=carry, progress=progress)
   result["train_seconds"] = time.perf_counter() - t0
   writer.plot(workdir / "metrics.png", ["loss", "perplexity" if kind == "lm" else "accuracy"])
   ckpt.close()
@@ -135,7 +140,7 @@ def train(config, workdir, *, kind, init_params=None, tokenizer=None, progress=T
           "eval_step": eval_step, "workdir": workdir}
 
 
-def _restore_any_phase(ckpt, params, plan, optimizer, seed):
+def _restore_any_phase(ckpt, params, plan, optimizer, seed, carry=None):
   """Restores the latest checkpoint with the optimizer state of the phase that wrote it.
 
   A gradual-unfreezing run stopped in epoch k saved the optimizer state of phase k (other groups,
@@ -146,7 +151,7 @@ def _restore_any_phase(ckpt, params, plan, optimizer, seed):
   for epoch in range(plan.num_phases):  # epoch e < num_phases starts phase e
     template = steps.create_state(params, optimizer(epoch), seed)
     try:
-      return ckpt.restore(loop.state_dict(template))
+      return ckpt.restore(loop.state_dict(template, carry))
     except CheckpointError as e:
       first_error = first_error or e
   raise first_error

@@ -156,3 +156,21 @@ def test_sampled_lm_reports_train_loss_not_perplexity(tmp_path):
   valid = _rows(tmp_path / "lm", "valid")[-1]
   assert valid["perplexity"] == pytest.approx(np.exp(valid["loss"]), rel=1e-6)
   assert 1 < summary["test_perplexity"] < 300
+
+
+@pytest.mark.parametrize("num_devices", [1, 4])
+def test_stream_lm_resume_continues_the_carried_state(tmp_path, num_devices):
+  """Stream mode: a rerun restores the LSTM state carried between batches, not a zero state."""
+  def config(max_steps):
+    c = lm_config(max_steps=max_steps, num_devices=num_devices)
+    c.data.update(lm_mode="stream", bptt=16, eval_batch_size=4)
+    return c
+
+  commands.pretrain(config(6), tmp_path / "one_go", progress=False)
+  commands.pretrain(config(3), tmp_path / "resumed", progress=False)
+  commands.pretrain(config(6), tmp_path / "resumed", progress=False)
+  a, b = _rows(tmp_path / "one_go", "train"), _rows(tmp_path / "resumed", "train")
+  assert [x["step"] for x in a] == [x["step"] for x in b] == list(range(1, 7))
+  np.testing.assert_allclose([x["loss"] for x in a], [x["loss"] for x in b], rtol=0, atol=1e-6)
+  _assert_trees_close(checkpoint.restore_params(tmp_path / "one_go"),
+                      checkpoint.restore_params(tmp_path / "resumed"), atol=1e-6)

@@ -64,10 +64,12 @@ class Hooks:
 
 
 def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_lib.MetricsWriter,
-        devices: Devices, meta: dict | None = None, progress: bool = True):
+        devices: Devices, meta: dict | None = None, carry: Any = None, progress: bool = True):
   """Trains until config.train.num_epochs (or max_steps); returns (state, last eval metrics).
 
   `meta` is what the checkpoint restored (epoch, data position); None starts from scratch.
+  `carry` is the stream-mode LSTM state the checkpoint restored: a run resumed mid-epoch goes on
+  from it, as the uninterrupted run would (each epoch otherwise starts from `hooks.carry_init`).
   """
   tcfg = config.train
   meta = dict(meta or {})
@@ -90,14 +92,17 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
     # eval at a max_steps stop) never replace the earlier best: the checkpointer's best step and
     # `best["step"]` agree, and a resumed run selects exactly what an uninterrupted one does.
     improved = best is not None and best["step"] == step
-    checkpointer.save(step, state_dict(state), record, metrics=last_eval if improved else None)
+    checkpointer.save(step, state_dict(state, carry), record,
+                      metrics=last_eval if improved else None)
 
   while batches.epoch < tcfg.num_epochs and step < max_steps:
     epoch = batches.epoch
     train_step = hooks.train_step_for_epoch(epoch)
     if hooks.on_state_for_epoch is not None:
       state = hooks.on_state_for_epoch(epoch, state)
-    carry = hooks.carry_init() if hooks.carry_init else None
+    resumed_mid_epoch = carry is not None and batches.index > 0
+    if not resumed_mid_epoch:
+      carry = hooks.carry_init() if hooks.carry_init else None
     total, tokens, t0 = None, 0.0, time.perf_counter()
     bar = tqdm(total=steps_per_epoch, initial=batches.index, desc=f"epoch {epoch + 1}/{tcfg.num_epochs}",
                disable=not progress, dynamic_ncols=True, mininterval=1.0)
@@ -138,9 +143,16 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
   return state, {"last_eval": last_eval, "best": best, "step": step, "epoch": batches.epoch}
 
 
-def state_dict(state) -> dict:
-  """The checkpointed form of a TrainState: a plain dict, as jaxlm/checkpoint.py stores it."""
-  return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "rng": state.rng}
+def state_dict(state, carry: Any = None) -> dict:
+  """The checkpointed form of a TrainState: a plain dict, as jaxlm/checkpoint.py stores it.
+
+  Stream-mode LM training also stores `carry`, the LSTM state the next batch starts from: without
+  it a resumed run would restart that state at zero and diverge from the uninterrupted run.
+  """
+  out = {"step": state.step, "params": state.params, "opt_state": state.opt_state, "rng": state.rng}
+  if carry is not None:
+    out["carry"] = carry
+  return out
 
 
 def _scalars(summary: dict) -> dict:
