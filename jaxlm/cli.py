@@ -78,6 +78,25 @@ def _run(command: str, argv: list[str]) -> None:
     commands.inspect(config, flags.workdir)
 
 
+def _command_help(command: str) -> str:
+  """`jaxlm COMMAND --help`: the command's usage line and its flags with their defaults."""
+  usage = next(" ".join(line.split()) for line in USAGE.splitlines()
+               if line.strip().startswith(f"jaxlm {command} "))
+  fv = _define_flags(command, [f"jaxlm {command}"])
+  lines = []
+  for name in sorted(fv):
+    flag = fv[name]
+    shown = "init-from" if name == "init_from" else name
+    if flag.flag_type() == "bool":
+      shown = f"[no]{shown}"
+    default = "" if flag.default is None else f" (default: {flag.default!r})"
+    lines.append(f"  --{shown}: {flag.help}{default}")
+  if "config" in fv:
+    lines.append("  --config.KEY=VALUE: override one config field (all fields and defaults: "
+                 "jaxlm/config.py)")
+  return f"usage: {usage}\n\n" + "\n".join(lines)
+
+
 def _unknown_key_message(error, argv) -> str:
   """One line naming the override with the unknown key and ml_collections' suggestion."""
   while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError(msg))
@@ -106,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
   if command not in COMMANDS:
     print(f"jaxlm: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
+  if any(a in ("-h", "--help", "--helpfull") for a in argv[2:]):
+    print(_command_help(command))
+    return 0
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   # `--init-from` reads better on a command line; absl flag names use underscores.
   args = [a.replace("--init-from", "--init_from", 1) if a.startswith("--init-from") else a

@@ -221,3 +221,16 @@ def test_quickstart_prints_table_and_summary(tmp_path, capsys):
   for part in ("lm", "classifier_pretrained", "classifier_scratch"):
     assert (work / part / "summary.json").exists() and (work / part / "metrics.png").exists()
   assert (work / "classifier_pretrained" / "graft_report.txt").exists()
+
+
+@pytest.mark.parametrize("command,flags", [
+    ("pretrain", ["--config:", "--workdir:", "--config.KEY=VALUE"]),
+    ("finetune", ["--init-from:", "--[no]progress:"]),
+    ("evaluate", ["--split:", "--max_examples:", "--which:"]),
+])
+def test_command_help_lists_its_flags(capsys, tmp_path, command, flags):
+  """`jaxlm COMMAND --help` prints the command's usage and flags and runs nothing."""
+  code, out, err = run(capsys, command, "--help", "--workdir", tmp_path / "never")
+  assert code == 0 and out.startswith(f"usage: jaxlm {command} "), (out, err)
+  assert all(f in out for f in flags), out
+  assert not (tmp_path / "never").exists()
