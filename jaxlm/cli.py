@@ -57,6 +57,10 @@ def _run(command: str, argv: list[str]) -> None:
   except (AttributeError, KeyError) as e:
     # ml_collections reports a typo in `--config.a.b=v` as AttributeError/KeyError, not a flag error.
     raise ConfigError(_unknown_key_message(e, argv)) from None
+  except SyntaxError as e:  # in the --config file itself
+    raise ConfigError(f"config file {e.filename} line {e.lineno}: {e.msg}") from None
+  if "config" in flags and flags["config"].present:
+    _load_config_or_fail(flags)
   needs_workdir = command != "inspect"
   if needs_workdir and not flags.workdir:
     raise ConfigError(f"jaxlm {command} needs --workdir DIR")
@@ -107,6 +111,18 @@ def _unknown_key_message(error, argv) -> str:
   names = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
   offending = next((n for n in names if key and key in n.split(".")), None) or ", ".join(names)
   return f"unknown config key in {offending}: {text}"
+
+
+def _load_config_or_fail(flags) -> None:
+  """config_flags loads `--config FILE` lazily and reports a missing or broken file as an OSError
+  at first use; load it now and turn that into one line naming the file."""
+  from jaxlm.errors import ConfigError
+  try:
+    flags.config.keys()  # a file that failed to load gives a proxy that raises on first use
+  except OSError as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    detail = next((line for line in lines if line.startswith("[Errno")), lines[-1] if lines else "")
+    raise ConfigError(f"cannot load --config {flags['config'].config_filename}: {detail}") from None
 
 
 def _required_config(flags, command):

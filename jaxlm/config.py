@@ -160,9 +160,30 @@ def _get(config, dotted):
   return node
 
 
+def _owned_choices() -> dict:
+  """Choices whose lists live with the code that implements them (one list each), checked here
+  too so that a bad value fails before any data is read, not minutes into a run."""
+  from jaxlm.models.classifiers import POOLINGS
+  from jaxlm.models.lm import OUTPUTS
+  from jaxlm.train.strategies import STRATEGIES
+  return {"model.output": OUTPUTS, "model.pooling": POOLINGS, "finetune.strategy": STRATEGIES,
+          "tokenizer.model_type": ("unigram", "bpe")}
+
+
+def _has(config, dotted) -> bool:
+  node = config
+  for key in dotted.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+      return False
+    node = node[key]
+  return True
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks the values a run cannot start without; raises one ConfigError naming the key."""
-  for key, choices in _CHOICES.items():
+  for key, choices in {**_CHOICES, **_owned_choices()}.items():
+    if key not in _CHOICES and not _has(config, key):
+      continue  # e.g. model.output exists only in LM configs
     value = _get(config, key)
     if value not in choices:
       raise ConfigError(f"config.{key}={value!r} is not one of {', '.join(choices)}")

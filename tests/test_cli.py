@@ -234,3 +234,25 @@ def test_command_help_lists_its_flags(capsys, tmp_path, command, flags):
   assert code == 0 and out.startswith(f"usage: jaxlm {command} "), (out, err)
   assert all(f in out for f in flags), out
   assert not (tmp_path / "never").exists()
+
+
+def test_bad_choice_fails_before_reading_data(tmp_path, capsys):
+  """An invalid enum value is one line naming the key and the choices, before any data is read."""
+  work = tmp_path / "run"
+  code, _, err = run(capsys, "pretrain", *LM_ARGS, "--config.model.output=softmax",
+                     f"--config.data.source=jsonl:{tmp_path / 'no_such_folder'}", "--workdir", work)
+  _assert_user_error(code, err, "config.model.output='softmax'", "full, sampled, adaptive")
+  assert not work.exists()
+
+
+@pytest.mark.parametrize("content,needles", [
+    (None, ["cannot load --config", "No such file"]),
+    ("def get_config(:\n", ["line 1", "invalid syntax"]),
+])
+def test_missing_or_broken_config_file(tmp_path, capsys, content, needles):
+  config, work = tmp_path / "my_config.py", tmp_path / "run"
+  if content is not None:
+    config.write_text(content)
+  code, _, err = run(capsys, "pretrain", "--config", config, "--workdir", work)
+  _assert_user_error(code, err, str(config), *needles)
+  assert not work.exists()

@@ -292,6 +292,20 @@ def test_tfds_not_prepared_explains_how(tmp_path):
     raises(fn, "not prepared", "pip install jaxlm[tfds]", "tfds build imdb_reviews",
            "jsonl:", "aclimdb:")
   assert not data_dir.exists()  # nothing written, nothing downloaded
+
+
+
+def test_tfds_empty_splits_explains_how(monkeypatch):
+  """With the default data dir, tfds reports an unprepared dataset as KeyError('... `splits` is
+  empty ...') (seen here with TFDS_DATA_DIR set); that is the same one-line user error."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  def unprepared(*args, **kwargs):
+    raise KeyError("Trying to access `splits['train']` but `splits` is empty.")
+
+  monkeypatch.setattr(tfds, "data_source", unprepared)
+  raises(lambda: open_source("tfds:imdb_reviews").read("train"), "not prepared",
+         "tfds build imdb_reviews", "splits")
   raises(lambda: open_source("tfds:no_such_dataset_xyz").read("train"), "no_such_dataset_xyz")
 
 

@@ -471,7 +471,9 @@ class TfdsSource(Source):
     try:
       source = tfds.data_source(self.dataset, split=tfds_split, data_dir=self.data_dir,
                                 download=False)
-    except (NotImplementedError, FileNotFoundError, AssertionError, OSError) as e:
+    # Not prepared (here, or not as array_record): tfds raises one of these, depending on what
+    # is missing; KeyError is "splits is empty" when only the dataset's folder exists.
+    except (NotImplementedError, FileNotFoundError, AssertionError, OSError, KeyError) as e:
       raise DataError(f"{self.name}: cannot read split {split!r}: the dataset is not prepared "
                       f"in {self._builder.data_dir} in array_record format; "
                       f"{_tfds_help(self.dataset)}. tfds said: "
