@@ -174,3 +174,11 @@ def test_stream_lm_resume_continues_the_carried_state(tmp_path, num_devices):
   np.testing.assert_allclose([x["loss"] for x in a], [x["loss"] for x in b], rtol=0, atol=1e-6)
   _assert_trees_close(checkpoint.restore_params(tmp_path / "one_go"),
                       checkpoint.restore_params(tmp_path / "resumed"), atol=1e-6)
+
+
+def test_progress_bar_shows_the_latest_held_out_metric():
+  from jaxlm.train import loop
+  train = {"loss": 5.25, "tokens_per_sec": 11608.7, "count": 100.0}  # a sampled LM: no perplexity
+  assert loop._postfix(train, {"loss": 4.91, "perplexity": 135.72, "count": 9.0}) == {
+      "loss": "5.25", "tok/s": "1.161e+04", "valid_ppl": "135.7"}
+  assert loop._postfix({"loss": 0.3, "accuracy": 0.9}, {}) == {"loss": "0.3", "accuracy": "0.9"}

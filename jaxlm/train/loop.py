@@ -119,7 +119,7 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
         elapsed = time.perf_counter() - t0
         summary.update(tokens_per_sec=tokens / max(elapsed, 1e-9),
                        grad_norm=float(batch_metrics["grad_norm"]))
-        bar.set_postfix(_postfix(summary), refresh=False)
+        bar.set_postfix(_postfix(summary, last_eval), refresh=False)
         writer.write({"step": step, "epoch": epoch + 1, "split": "train", **_scalars(summary)})
         total, tokens, t0 = None, 0.0, time.perf_counter()
       if due(tcfg.eval_every_steps, epoch_done):
@@ -159,6 +159,11 @@ def _scalars(summary: dict) -> dict:
   return {k: v for k, v in summary.items() if isinstance(v, (int, float))}
 
 
-def _postfix(summary: dict) -> dict:
+def _postfix(summary: dict, last_eval: dict | None = None) -> dict:
+  """Progress-bar fields: this logging window's train metrics, then the latest held-out ones
+  (for a sampled-softmax LM the held-out perplexity is the only perplexity there is)."""
   keys = ("loss", "perplexity", "accuracy", "tokens_per_sec")
-  return {k.replace("tokens_per_sec", "tok/s"): f"{summary[k]:.4g}" for k in keys if k in summary}
+  out = {k.replace("tokens_per_sec", "tok/s"): f"{summary[k]:.4g}" for k in keys if k in summary}
+  short = {"perplexity": "valid_ppl", "accuracy": "valid_acc"}
+  out.update({short[k]: f"{v:.4g}" for k, v in (last_eval or {}).items() if k in short})
+  return out
