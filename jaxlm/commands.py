@@ -72,8 +72,10 @@ def train(config, workdir, *, kind, init_params=None, tokenizer=None, progress=T
     return optimizers[phase]
 
   state = steps.create_state(params, optimizer(0), seed)
+  select = config.finetune.select_metric if kind == "classifier" else None  # LMs keep the latest
+  select_mode = config_lib.SELECT_MODES[select] if select else "max"
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.max_to_keep,
-                                 best_metric=config.finetune.select_metric if kind == "classifier" else None)
+                                 best_metric=select, best_mode=select_mode)
   meta, carry = None, None
   if resuming:
     carry_init = task.carry_init()
@@ -122,7 +124,7 @@ def train(config, workdir, *, kind, init_params=None, tokenizer=None, progress=T
   hooks = loop.Hooks(
       train_step_for_epoch=train_step_for_epoch, evaluate=evaluate, tokens_in=task.tokens_in,
       carry_init=task.carry_init(), on_state_for_epoch=on_state_for_epoch,
-      select_metric=config.finetune.select_metric if kind == "classifier" else None)
+      select_metric=select, select_mode=select_mode)
   writer = metrics.MetricsWriter(workdir)
   if resuming:
     writer.rewind(int(jax.device_get(state.step)))

@@ -127,7 +127,7 @@ def classifier_config() -> ml_collections.ConfigDict:
       strategy="full",         # full | head | top_k | gradual
       top_k=1,                 # top_k: this many layer groups below the head also train
       discriminative_decay=1.0,  # ULMFiT uses 2.6: lr / decay**depth per layer group; 1 = off
-      select_metric="accuracy",  # best checkpoint by this validation metric
+      select_metric="accuracy",  # best checkpoint by this validation metric: accuracy | loss
   ))
   return config
 
@@ -144,6 +144,9 @@ def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
     raise ConfigError(f"config file {path} defines no get_config()")
   return module.get_config()
 
+
+# Validation metrics that can select the best checkpoint, and which direction is better.
+SELECT_MODES = {"accuracy": "max", "loss": "min"}
 
 _CHOICES = {
     "tokenizer.kind": ("word", "sentencepiece"),
@@ -167,7 +170,7 @@ def _owned_choices() -> dict:
   from jaxlm.models.lm import OUTPUTS
   from jaxlm.train.strategies import STRATEGIES
   return {"model.output": OUTPUTS, "model.pooling": POOLINGS, "finetune.strategy": STRATEGIES,
-          "tokenizer.model_type": ("unigram", "bpe")}
+          "tokenizer.model_type": ("unigram", "bpe"), "finetune.select_metric": tuple(SELECT_MODES)}
 
 
 def _has(config, dotted) -> bool:

@@ -182,3 +182,21 @@ def test_progress_bar_shows_the_latest_held_out_metric():
   assert loop._postfix(train, {"loss": 4.91, "perplexity": 135.72, "count": 9.0}) == {
       "loss": "5.25", "tok/s": "1.161e+04", "valid_ppl": "135.7"}
   assert loop._postfix({"loss": 0.3, "accuracy": 0.9}, {}) == {"loss": "0.3", "accuracy": "0.9"}
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "loss"])
+def test_best_checkpoint_follows_the_selection_metric(tmp_path, metric):
+  """select_metric=accuracy keeps the highest validation accuracy, =loss the lowest loss; the
+  checkpoint `evaluate --which best` reads is the step the loop reported."""
+  config = clf_config(num_epochs=4)
+  config.finetune.select_metric = metric
+  summary = commands.finetune(config, tmp_path / "run", progress=False)
+  valid = _rows(tmp_path / "run", "valid")
+  pick = max if metric == "accuracy" else min
+  # Ties in the metric go to the lower loss, so compare (metric, loss) as the loop does.
+  sign = 1 if metric == "accuracy" else -1
+  expected = max(valid, key=lambda r: (sign * r[metric], -r["loss"]))
+  assert summary["best_valid"]["step"] == expected["step"]
+  assert summary["best_valid"]["value"] == pick(r[metric] for r in valid)
+  with checkpoint.Checkpointer(tmp_path / "run", read_only=True) as ckpt:
+    assert ckpt.best_step() == expected["step"]

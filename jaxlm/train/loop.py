@@ -60,6 +60,7 @@ class Hooks:
   tokens_in: Callable[[dict], float]                # batch -> tokens processed (for tokens/s)
   carry_init: Callable[[], Any] | None = None       # stream-mode LM state between batches
   select_metric: str | None = None                  # keep the best checkpoint by this eval metric
+  select_mode: str = "max"                          # "max" (accuracy) or "min" (loss)
   on_state_for_epoch: Callable[[int, Any], Any] | None = None  # e.g. new optimizer state on unfreeze
 
 
@@ -129,10 +130,12 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
           bar.write(f"step {step}: valid " + ", ".join(f"{k} {v:.4g}" for k, v in _scalars(last_eval).items()
                                                         if k != "count"))
         if hooks.select_metric and last_eval:
-          # Higher metric wins; a tie goes to the lower validation loss (small validation sets
-          # make accuracy ties common, and loss separates them).
+          # The better metric wins; a tie goes to the lower validation loss (small validation
+          # sets make accuracy ties common, and loss separates them).
           value, loss = last_eval[hooks.select_metric], last_eval.get("loss", float("inf"))
-          if best is None or (value, -loss) > (best["value"], -best.get("loss", float("inf"))):
+          sign = 1.0 if hooks.select_mode == "max" else -1.0
+          if best is None or (sign * value, -loss) > (sign * best["value"],
+                                                      -best.get("loss", float("inf"))):
             best = {"value": value, "loss": loss, "step": step, "epoch": epoch + 1}
       if due(tcfg.checkpoint_every_steps, epoch_done):
         save()
