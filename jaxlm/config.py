@@ -185,7 +185,7 @@ def _has(config, dotted) -> bool:
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks the values a run cannot start without; raises one ConfigError naming the key."""
   for key, choices in {**_CHOICES, **_owned_choices()}.items():
-    if key not in _CHOICES and not _has(config, key):
+    if not _has(config, key):
       continue  # e.g. model.output exists only in LM configs
     value = _get(config, key)
     if value not in choices:
