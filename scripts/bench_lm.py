@@ -14,8 +14,10 @@ Usage:
   .venv/bin/python scripts/bench_lm.py --configs seed001 --rounds 5 --steps 5
 """
 import argparse
+import ctypes
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -262,19 +264,37 @@ def lm_matmul_flops(cfg, output):
 
 
 def time_steps(run, steps, sync):
+  """Step times, and the minor page faults of these steps (fresh pages from the allocator)."""
   times = []
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   for _ in range(steps):
     t0 = time.perf_counter()
     sync(run())
     times.append(time.perf_counter() - t0)
-  return times
+  return times, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+
+
+def use_heap_allocator():
+  """glibc malloc: never mmap, never trim (= MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=huge).
+
+  Why: by default glibc serves big blocks (above a threshold that moves with the process's
+  history) with fresh mmaps, so a step that frees and reallocates its large buffers page-faults
+  them in again every time. Which framework hits that depends on allocation history, which made
+  PyTorch's step time vary by up to 1.7x between otherwise identical runs on this machine. With
+  the heap only, both frameworks reuse warm memory and the comparison is stable.
+  """
+  libc = ctypes.CDLL("libc.so.6")
+  m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+  ok = libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1)
+  if not ok:
+    raise SystemExit("mallopt failed: --allocator heap needs glibc")
 
 
 def matmul_gflops(n=1024, reps=10):
   a = jnp.asarray(np.random.RandomState(0).randn(n, n), jnp.float32)
   f = jax.jit(lambda a: a @ a)
   f(a).block_until_ready()
-  best = min(time_steps(lambda: f(a), reps, lambda x: x.block_until_ready()))
+  best = min(time_steps(lambda: f(a), reps, lambda x: x.block_until_ready())[0])
   return 2 * n ** 3 / best / 1e9
 
 
@@ -295,14 +315,18 @@ def bench(name, jax_run, torch_run, flops, tokens, rounds, steps):
   for run, sync in ((jax_run, lambda x: x.block_until_ready()), (torch_run, lambda x: x.item())):
     sync(run())  # compile / warm up
     sync(run())
-  tj, tt = [], []
+  tj, tt, fj, ft = [], [], 0, 0
   for _ in range(rounds):
-    tj += time_steps(jax_run, steps, lambda x: x.block_until_ready())
-    tt += time_steps(torch_run, steps, lambda x: x.item())
+    times, faults = time_steps(jax_run, steps, lambda x: x.block_until_ready())
+    tj, fj = tj + times, fj + faults
+    times, faults = time_steps(torch_run, steps, lambda x: x.item())
+    tt, ft = tt + times, ft + faults
   mj, mt = statistics.median(tj), statistics.median(tt)
-  print(f"{name:24s} jax {mj * 1e3:8.1f} ms {tokens / mj:9.0f} tok/s {flops / mj / 1e9:6.1f} GF/s | "
-        f"torch {mt * 1e3:8.1f} ms {tokens / mt:9.0f} tok/s {flops / mt / 1e9:6.1f} GF/s | "
-        f"jax/torch speed {mt / mj:5.2f}x", flush=True)
+  n = rounds * steps
+  print(f"{name:24s} jax {mj * 1e3:8.1f} ms {tokens / mj:9.0f} tok/s {flops / mj / 1e9:6.1f} GF/s "
+        f"{fj / n / 1e3:5.1f}k pf | torch {mt * 1e3:8.1f} ms {tokens / mt:9.0f} tok/s "
+        f"{flops / mt / 1e9:6.1f} GF/s {ft / n / 1e3:5.1f}k pf | jax/torch speed {mt / mj:5.2f}x",
+        flush=True)
   return mj, mt
 
 
@@ -313,12 +337,17 @@ def main():
   parser.add_argument("--outputs", default="full,adaptive,sampled")
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--allocator", choices=("glibc", "heap"), default="heap",
+                      help="heap: glibc without mmap/trim for both frameworks (stable, see "
+                           "use_heap_allocator); glibc: the process default")
   args = parser.parse_args()
+  if args.allocator == "heap":
+    use_heap_allocator()
 
   print(machine_info())
   print(f"matmul 1024^2 fp32 (jax): {matmul_gflops():.0f} GFLOP/s")
-  print(f"rounds={args.rounds} steps/round={args.steps}; median step time; "
-        f"GF/s = matmul flops of the step / time")
+  print(f"rounds={args.rounds} steps/round={args.steps} allocator={args.allocator}; median step "
+        f"time; GF/s = matmul flops of the step / time; pf = minor page faults per step")
   for name in args.configs.split(","):
     if name == "seed003":
       cfg = dict(vocab=25002, embed=100, hidden=256, batch=64, bptt=256)

@@ -12,6 +12,11 @@ Why it is fast on CPU:
   as one einsum over all steps afterwards. Autodiff of a scan instead accumulates `dW_hh` inside the
   loop, one small matmul per step: a seed-003 train step measured 0.62-0.73 s that way and
   0.54 s fused, on this CPU.
+- On CPU, in float32, the fused recurrence's two loops run in `jaxlm.kernels` (a C++ XLA FFI
+  kernel: per step one BLAS sgemm and one vectorised gate pass, split over XLA's threads) instead
+  of as `lax.scan`s, whose small per-step operations XLA:CPU runs one by one. Same residuals, same
+  gradients (tested against the scans); `lax.platform_dependent` keeps the scans for GPU and TPU,
+  so one jitted function serves all three.
 - `impl='scan'` is the plain `flax.linen.scan` recurrence (weights broadcast, scanned over time),
   differentiated by autodiff. It is the reference the fused path is tested against and what the
   design card describes; both give the same numbers.
@@ -31,6 +36,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxlm import kernels
 
 Array = jax.Array
 State = Tuple[Array, Array]  # (c, h)
@@ -83,8 +90,10 @@ def _cell(z: Array, c_prev: Array):
   with three sigmoids and a tanh (76 ms vs 13 ms for 256 steps of [64, 1024], this machine).
   Returns (activations [B,4H] = sigmoid(i), sigmoid(f), tanh(g), sigmoid(o); c; tanh(c); h).
   """
-  s = _gate_scale(c_prev.shape[-1], z.dtype)
-  a = jnp.tanh(z * s) * s + (1.0 - s)
+  scale = _gate_scale(c_prev.shape[-1], np.float32)
+  # jnp constants in z's dtype: numpy's `1.0 - bfloat16 array` would promote to float32.
+  s, shift = jnp.asarray(scale, z.dtype), jnp.asarray(1.0 - scale, z.dtype)
+  a = jnp.tanh(z * s) * s + shift
   i, f, g, o = jnp.split(a, 4, axis=-1)
   c = f * c_prev + i * g
   tc = jnp.tanh(c)
@@ -116,69 +125,115 @@ def _recurrence_plain(xz, mask, w_hh, c0, h0, reverse):
   return ys, c, h
 
 
+def _scan_forward(xz, mask, w_hh, c0, h0, reverse):
+  """The XLA forward of the fused recurrence: outputs and the residuals its backward needs."""
+  def body(carry, x):
+    c, h = carry
+    xz_t, m = x
+    z = xz_t + jnp.dot(h, w_hh)
+    acts, c_new, tc, h_new = _cell(z, c)
+    res = (h, c, acts, tc)  # h_prev, c_prev, gate activations, tanh(c_new)
+    if m is None:
+      return (c_new, h_new), (h_new, res)
+    mm = m[:, None]
+    new = (jnp.where(mm, c_new, c), jnp.where(mm, h_new, h))
+    return new, (jnp.where(mm, h_new, jnp.zeros_like(h_new)), res)
+
+  (c, h), (ys, res) = jax.lax.scan(body, (c0, h0), (xz, mask), reverse=reverse)
+  return (ys, c, h), res
+
+
+def _scan_backward(w_hh, mask, c_prev, acts, tcs, dys, dc_last, dh_last, reverse):
+  """The XLA backward: gate pre-activation gradients `dz [T,B,4H]`, `dc0`, `dh0`."""
+  w_t = w_hh.T
+
+  def body(carry, x):
+    dc, dh = carry
+    dy, cp, act, tc, m = x
+    i, f, g, o = jnp.split(act, 4, axis=-1)
+    if m is None:
+      dhn = dh + dy
+      dcn = dc
+    else:
+      mm = m[:, None]
+      zero = jnp.zeros_like(dh)
+      dhn = jnp.where(mm, dh + dy, zero)
+      dcn = jnp.where(mm, dc, zero)
+    do = dhn * tc
+    dcn = dcn + dhn * o * (1.0 - tc * tc)
+    dz = jnp.concatenate([
+        dcn * g * i * (1.0 - i),
+        dcn * cp * f * (1.0 - f),
+        dcn * i * (1.0 - g * g),
+        do * o * (1.0 - o),
+    ], axis=-1)
+    dc_prev = dcn * f
+    dh_prev = jnp.dot(dz, w_t)
+    if m is not None:
+      # A masked step passed its carry through unchanged; so does its gradient.
+      dc_prev = jnp.where(mm, dc_prev, dc)
+      dh_prev = jnp.where(mm, dh_prev, dh)
+    return (dc_prev, dh_prev), dz
+
+  (dc0, dh0), dzs = jax.lax.scan(
+      body, (dc_last, dh_last), (dys, c_prev, acts, tcs, mask), reverse=not reverse)
+  return dzs, dc0, dh0
+
+
+def _use_kernel(dtype) -> bool:
+  """The CPU kernel handles float32; other dtypes, or a machine where it cannot build, use XLA."""
+  return jnp.dtype(dtype) == jnp.float32 and kernels.available()
+
+
+def _float_mask(mask, xz):
+  if mask is None:
+    return jnp.ones(xz.shape[:2], jnp.float32)
+  return mask.astype(jnp.float32)
+
+
 @functools.lru_cache(maxsize=None)
 def _fused_recurrence(reverse: bool):
   """Builds the custom-VJP recurrence for one direction.
 
   Signature: `(xz [T,B,4H], mask [T,B] bool | None, w_hh [H,4H], c0, h0) -> (ys [T,B,H], c, h)`;
-  `xz` already contains both biases. Time-major because scan iterates over axis 0.
+  `xz` already contains both biases. Time-major because scan iterates over axis 0. On CPU (float32)
+  the forward and backward loops run in the `jaxlm.kernels` kernel, elsewhere as `lax.scan`s; both
+  compute the same residuals and gradients, and `lax.platform_dependent` picks per device, so one
+  jitted function serves CPU, GPU and TPU.
   """
 
   @jax.custom_vjp
   def recurrence(xz, mask, w_hh, c0, h0):
-    return _recurrence_plain(xz, mask, w_hh, c0, h0, reverse)
+    if not _use_kernel(xz.dtype):
+      return _recurrence_plain(xz, mask, w_hh, c0, h0, reverse)
+    return jax.lax.platform_dependent(
+        cpu=lambda: tuple(kernels.forward(xz, _float_mask(mask, xz), w_hh, c0, h0,
+                                          reverse=reverse, save_residuals=False)),
+        default=lambda: _recurrence_plain(xz, mask, w_hh, c0, h0, reverse))
 
   def fwd(xz, mask, w_hh, c0, h0):
-    def body(carry, x):
-      c, h = carry
-      xz_t, m = x
-      z = xz_t + jnp.dot(h, w_hh)
-      acts, c_new, tc, h_new = _cell(z, c)
-      res = (h, c, acts, tc)  # h_prev, c_prev, gate activations, tanh(c_new)
-      if m is None:
-        return (c_new, h_new), (h_new, res)
-      mm = m[:, None]
-      new = (jnp.where(mm, c_new, c), jnp.where(mm, h_new, h))
-      return new, (jnp.where(mm, h_new, jnp.zeros_like(h_new)), res)
-
-    (c, h), (ys, res) = jax.lax.scan(body, (c0, h0), (xz, mask), reverse=reverse)
-    return (ys, c, h), (w_hh, mask, res)
+    if not _use_kernel(xz.dtype):
+      outs, res = _scan_forward(xz, mask, w_hh, c0, h0, reverse)
+    else:
+      def cpu():
+        ys, c, h, *res = kernels.forward(xz, _float_mask(mask, xz), w_hh, c0, h0,
+                                         reverse=reverse, save_residuals=True)
+        return (ys, c, h), tuple(res)
+      outs, res = jax.lax.platform_dependent(
+          cpu=cpu, default=lambda: _scan_forward(xz, mask, w_hh, c0, h0, reverse))
+    return outs, (w_hh, mask, res)
 
   def bwd(saved, cts):
     w_hh, mask, (h_prev, c_prev, acts, tcs) = saved
     dys, dc_last, dh_last = cts
-    w_t = w_hh.T
-
-    def body(carry, x):
-      dc, dh = carry
-      dy, cp, act, tc, m = x
-      i, f, g, o = jnp.split(act, 4, axis=-1)
-      if m is None:
-        dhn = dh + dy
-        dcn = dc
-      else:
-        mm = m[:, None]
-        zero = jnp.zeros_like(dh)
-        dhn = jnp.where(mm, dh + dy, zero)
-        dcn = jnp.where(mm, dc, zero)
-      do = dhn * tc
-      dcn = dcn + dhn * o * (1.0 - tc * tc)
-      dz = jnp.concatenate([
-          dcn * g * i * (1.0 - i),
-          dcn * cp * f * (1.0 - f),
-          dcn * i * (1.0 - g * g),
-          do * o * (1.0 - o),
-      ], axis=-1)
-      dc_prev = dcn * f
-      dh_prev = jnp.dot(dz, w_t)
-      if m is not None:
-        # A masked step passed its carry through unchanged; so does its gradient.
-        dc_prev = jnp.where(mm, dc_prev, dc)
-        dh_prev = jnp.where(mm, dh_prev, dh)
-      return (dc_prev, dh_prev), dz
-
-    (dc0, dh0), dzs = jax.lax.scan(
-        body, (dc_last, dh_last), (dys, c_prev, acts, tcs, mask), reverse=not reverse)
+    args = (w_hh, mask, c_prev, acts, tcs, dys, dc_last, dh_last)
+    if not _use_kernel(acts.dtype):
+      dzs, dc0, dh0 = _scan_backward(*args, reverse)
+    else:
+      dzs, dc0, dh0 = jax.lax.platform_dependent(
+          cpu=lambda: tuple(kernels.backward(w_hh, _float_mask(mask, acts), *args[2:],
+                                             reverse=reverse)),
+          default=lambda: _scan_backward(*args, reverse))
     # The weight gradient of every step at once: one [H, T*B] x [T*B, 4H] matmul.
     hdim, gdim = h_prev.shape[-1], dzs.shape[-1]
     dw = jnp.dot(h_prev.reshape(-1, hdim).T, dzs.reshape(-1, gdim))
