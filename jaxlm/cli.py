@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     print(_command_help(command))
     return 0
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  # Before jax starts its threads: steps stop page-faulting their buffers in (jaxlm/malloc.py).
+  from jaxlm import malloc
+  malloc.tune()
   # `--init-from` reads better on a command line; absl flag names use underscores.
   args = [a.replace("--init-from", "--init_from", 1) if a.startswith("--init-from") else a
           for a in argv[2:]]

@@ -14,7 +14,6 @@ Usage:
   .venv/bin/python scripts/bench_lm.py --configs seed001 --rounds 5 --steps 5
 """
 import argparse
-import ctypes
 import os
 import platform
 import resource
@@ -28,12 +27,28 @@ import numpy as np
 # Before jax is imported: the tests' simulated multi-device flag must not leak into timings.
 os.environ.pop("XLA_FLAGS", None)
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from jaxlm import malloc  # noqa: E402
+
+
+def _allocator_flag(argv):
+  """`--allocator` read before argparse: it must take effect before jax or torch start threads."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--allocator="):
+      return arg.split("=", 1)[1]
+    if arg == "--allocator" and i + 1 < len(argv):
+      return argv[i + 1]
+  return "tuned"
+
+
+if _allocator_flag(sys.argv) == "tuned" and not malloc.tune():
+  raise SystemExit("--allocator tuned needs glibc's mallopt; use --allocator glibc")
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 import flax.linen as nn  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from jaxlm.models.lm import LSTMLanguageModel  # noqa: E402
 from jaxlm.models.lstm import LSTMEncoder  # noqa: E402
 
@@ -274,22 +289,6 @@ def time_steps(run, steps, sync):
   return times, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
-def use_heap_allocator():
-  """glibc malloc: never mmap, never trim (= MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=huge).
-
-  Why: by default glibc serves big blocks (above a threshold that moves with the process's
-  history) with fresh mmaps, so a step that frees and reallocates its large buffers page-faults
-  them in again every time. Which framework hits that depends on allocation history, which made
-  PyTorch's step time vary by up to 1.7x between otherwise identical runs on this machine. With
-  the heap only, both frameworks reuse warm memory and the comparison is stable.
-  """
-  libc = ctypes.CDLL("libc.so.6")
-  m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-  ok = libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1)
-  if not ok:
-    raise SystemExit("mallopt failed: --allocator heap needs glibc")
-
-
 def matmul_gflops(n=1024, reps=10):
   a = jnp.asarray(np.random.RandomState(0).randn(n, n), jnp.float32)
   f = jax.jit(lambda a: a @ a)
@@ -337,12 +336,10 @@ def main():
   parser.add_argument("--outputs", default="full,adaptive,sampled")
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=5)
-  parser.add_argument("--allocator", choices=("glibc", "heap"), default="heap",
-                      help="heap: glibc without mmap/trim for both frameworks (stable, see "
-                           "use_heap_allocator); glibc: the process default")
+  parser.add_argument("--allocator", choices=("tuned", "glibc"), default="tuned",
+                      help="tuned: the settings the jaxlm CLI applies (jaxlm/malloc.py), here "
+                           "for both frameworks; glibc: the process default")
   args = parser.parse_args()
-  if args.allocator == "heap":
-    use_heap_allocator()
 
   print(machine_info())
   print(f"matmul 1024^2 fp32 (jax): {matmul_gflops():.0f} GFLOP/s")

@@ -168,3 +168,15 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
     assert not list(tmp_path.rglob("*.so"))
   finally:
     kernels.available.cache_clear()
+
+
+def test_nan_inputs_propagate():
+  """Compiled with -ffast-math (for the vector tanh): a NaN must still reach the loss, not vanish."""
+  x = jnp.ones((2, 5, 3)).at[1, 2, 0].set(jnp.nan)
+  layer = LSTMLayer(8)
+  params = layer.init(jax.random.PRNGKey(0), jnp.ones((2, 5, 3)))
+  ys, (c, h) = jax.jit(layer.apply)(params, x)
+  assert not np.isnan(np.asarray(ys[0])).any()  # the other row is untouched
+  assert np.isnan(np.asarray(ys[1, 2:])).all() and np.isnan(np.asarray(h[1])).all()
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply(p, x)[0])))(params)
+  assert all(np.isnan(np.asarray(g)).any() for g in jax.tree.leaves(grads))

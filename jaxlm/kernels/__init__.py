@@ -33,13 +33,14 @@ _PREFIX = "jaxlm_lstm_"
 
 
 def _cpu_model() -> str:
+  """The CPU's model and feature flags: the build uses -march=native, so a cache shared between
+  machines (a network home directory) must not hand one CPU's library to another."""
   try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith(("model name", "flags")):
-        return line
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
   except OSError:
-    pass
-  return platform.processor()
+    return platform.machine() + platform.processor()
+  wanted = [line for line in lines if line.startswith(("model name", "flags", "Features"))]
+  return "\n".join(dict.fromkeys(wanted))  # first of each: every core repeats them
 
 
 def _build_command(out: Path):

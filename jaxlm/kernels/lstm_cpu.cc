@@ -23,6 +23,8 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using F32 = ffi::Buffer<ffi::F32>;
+using F32Out = ffi::ResultBuffer<ffi::F32>;
 
 namespace {
 
@@ -92,8 +94,7 @@ inline int64_t NumChunks(ffi::ThreadPool& pool, int64_t H) {
   return std::min<int64_t>(c, 8);
 }
 
-ffi::Error CheckShapes(int64_t T, int64_t B, int64_t H, ffi::Buffer<ffi::F32>& mask,
-                       ffi::Buffer<ffi::F32>& w_hh) {
+ffi::Error CheckShapes(int64_t T, int64_t B, int64_t H, F32& mask, F32& w_hh) {
   auto md = mask.dimensions();
   auto wd = w_hh.dimensions();
   if (md.size() != 2 || md[0] != T || md[1] != B)
@@ -110,10 +111,9 @@ ffi::Error CheckShapes(int64_t T, int64_t B, int64_t H, ffi::Buffer<ffi::F32>& m
 // Chunk k owns hidden units [u0, u0+n) and all four of their gates, so it runs its own sgemm
 // (h [B,H] x its columns of W_hh, repacked contiguously as [H, 4n]) and gate pass without
 // waiting for the others; h is double-buffered because every chunk reads all of the previous h.
-ffi::Error Forward(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& xz, ffi::Buffer<ffi::F32>& mask,
-                   ffi::Buffer<ffi::F32>& w_hh, ffi::Buffer<ffi::F32>& c0,
-                   ffi::Buffer<ffi::F32>& h0, int64_t reverse, float* y, float* c_out,
-                   float* h_out, float* h_prev, float* c_prev, float* acts, float* tcs) {
+ffi::Error Forward(ffi::ThreadPool& pool, F32& xz, F32& mask, F32& w_hh, F32& c0, F32& h0,
+                   int64_t reverse, float* y, float* c_out, float* h_out, float* h_prev,
+                   float* c_prev, float* acts, float* tcs) {
   auto d = xz.dimensions();
   if (d.size() != 3 || d[2] % 4 != 0)
     return ffi::Error::InvalidArgument("jaxlm LSTM kernel: xz must be [T, B, 4H]");
@@ -192,23 +192,16 @@ ffi::Error Forward(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& xz, ffi::Buffer
   return ffi::Error::Success();
 }
 
-ffi::Error ForwardTrain(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xz,
-                        ffi::Buffer<ffi::F32> mask, ffi::Buffer<ffi::F32> w_hh,
-                        ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> h0, int64_t reverse,
-                        ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> c_out,
-                        ffi::ResultBuffer<ffi::F32> h_out, ffi::ResultBuffer<ffi::F32> h_prev,
-                        ffi::ResultBuffer<ffi::F32> c_prev, ffi::ResultBuffer<ffi::F32> acts,
-                        ffi::ResultBuffer<ffi::F32> tcs) {
+ffi::Error ForwardTrain(ffi::ThreadPool pool, F32 xz, F32 mask, F32 w_hh, F32 c0, F32 h0,
+                        int64_t reverse, F32Out ys, F32Out c_out, F32Out h_out, F32Out h_prev,
+                        F32Out c_prev, F32Out acts, F32Out tcs) {
   return Forward(pool, xz, mask, w_hh, c0, h0, reverse, ys->typed_data(), c_out->typed_data(),
                  h_out->typed_data(), h_prev->typed_data(), c_prev->typed_data(),
                  acts->typed_data(), tcs->typed_data());
 }
 
-ffi::Error ForwardInfer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xz,
-                        ffi::Buffer<ffi::F32> mask, ffi::Buffer<ffi::F32> w_hh,
-                        ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> h0, int64_t reverse,
-                        ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> c_out,
-                        ffi::ResultBuffer<ffi::F32> h_out) {
+ffi::Error ForwardInfer(ffi::ThreadPool pool, F32 xz, F32 mask, F32 w_hh, F32 c0, F32 h0,
+                        int64_t reverse, F32Out ys, F32Out c_out, F32Out h_out) {
   return Forward(pool, xz, mask, w_hh, c0, h0, reverse, ys->typed_data(), c_out->typed_data(),
                  h_out->typed_data(), nullptr, nullptr, nullptr, nullptr);
 }
@@ -221,12 +214,9 @@ ffi::Error ForwardInfer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xz,
 // Item (s, k): first chunk k's columns of dh from the previous item's step (dz of all units x
 // the rows of W_hh for chunk k: needs every chunk's dz, hence the step order), then the gate
 // gradients of chunk k at step s. Step T only finishes dh0.
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> mask,
-                    ffi::Buffer<ffi::F32> c_prev, ffi::Buffer<ffi::F32> acts,
-                    ffi::Buffer<ffi::F32> tcs, ffi::Buffer<ffi::F32> dys,
-                    ffi::Buffer<ffi::F32> dc_last, ffi::Buffer<ffi::F32> dh_last,
-                    int64_t reverse, ffi::ResultBuffer<ffi::F32> dz_out,
-                    ffi::ResultBuffer<ffi::F32> dc0, ffi::ResultBuffer<ffi::F32> dh0) {
+ffi::Error Backward(ffi::ThreadPool pool, F32 w_hh, F32 mask, F32 c_prev, F32 acts, F32 tcs,
+                    F32 dys, F32 dc_last, F32 dh_last, int64_t reverse, F32Out dz_out,
+                    F32Out dc0, F32Out dh0) {
   auto d = acts.dimensions();
   if (d.size() != 3 || d[2] % 4 != 0)
     return ffi::Error::InvalidArgument("jaxlm LSTM kernel: acts must be [T, B, 4H]");
@@ -293,48 +283,42 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_hh, ffi::Buffe
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlmLstmForwardTrain, ForwardTrain,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // xz
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // mask
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_hh
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // c0
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
-                                  .Attr<int64_t>("reverse")
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // ys
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // c
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // h
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // h_prev
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // c_prev
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // acts
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // tc
+// Both forwards take (xz, mask, w_hh, c0, h0; reverse) and return (ys, c, h) first.
+static auto ForwardBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<F32>()  // xz
+      .Arg<F32>()  // mask
+      .Arg<F32>()  // w_hh
+      .Arg<F32>()  // c0
+      .Arg<F32>()  // h0
+      .Attr<int64_t>("reverse")
+      .Ret<F32>()   // ys
+      .Ret<F32>()   // c
+      .Ret<F32>();  // h
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlmLstmForwardInfer, ForwardInfer,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // xz
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // mask
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_hh
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // c0
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
-                                  .Attr<int64_t>("reverse")
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // ys
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // c
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // h
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlmLstmForwardTrain, ForwardTrain,
+                              ForwardBinding()
+                                  .Ret<F32>()    // h_prev
+                                  .Ret<F32>()    // c_prev
+                                  .Ret<F32>()    // acts
+                                  .Ret<F32>());  // tc
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlmLstmForwardInfer, ForwardInfer, ForwardBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlmLstmBackward, Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_hh
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // mask
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // c_prev
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // acts
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // tc
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dys
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dc_last
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dh_last
+                                  .Arg<F32>()  // w_hh
+                                  .Arg<F32>()  // mask
+                                  .Arg<F32>()  // c_prev
+                                  .Arg<F32>()  // acts
+                                  .Arg<F32>()  // tc
+                                  .Arg<F32>()  // dys
+                                  .Arg<F32>()  // dc_last
+                                  .Arg<F32>()  // dh_last
                                   .Attr<int64_t>("reverse")
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dz
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dc0
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // dh0
+                                  .Ret<F32>()    // dz
+                                  .Ret<F32>()    // dc0
+                                  .Ret<F32>());  // dh0
