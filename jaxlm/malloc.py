@@ -1,14 +1,15 @@
 """Process-wide glibc malloc settings for training on CPU: one arena, no mmap, no trim.
 
 Why: a CPU train step frees and reallocates the same large buffers every step. By default glibc
-returns them to the OS (mmapped blocks above a moving threshold, trimmed per-thread arenas), so
-the next step page-faults them in again: measured here, an IMDB LM step (configs/imdb_lm.py
-shapes) took ~82,000 minor page faults and 532 ms; with these settings 0 faults and 448 ms, and
-PyTorch's step in the same process went from 705 to 432 ms (BENCHMARKS.md). It is the same as
-starting Python with `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge>`, but
-it must happen before the threads that allocate exist, so the `jaxlm` CLI calls `tune()` first
-thing, before jax starts. The cost: freed memory stays with the process (its peak, not more).
+returns them to the OS (mmapped blocks, trimmed per-thread arenas), so the next step page-faults
+them in again: measured here (BENCHMARKS.md, fifth session), an IMDB LM step (configs/imdb_lm.py
+shapes) took 82-88k minor page faults and 567-586 ms with glibc's defaults, 0 faults and 487-524
+ms with these settings. It is the same as starting Python with `MALLOC_ARENA_MAX=1
+MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge>`, but it must happen before the threads that
+allocate exist, so the `jaxlm` CLI calls `tune()` first thing, before jax starts.
 
+The cost is memory: nothing freed goes back to the OS, and the heap's peak grows (the first 200
+steps of the IMDB LM plus its test pass peaked at 7.7 GB resident instead of 2.3 GB).
 `JAXLM_MALLOC=default` leaves the allocator alone. Not glibc (macOS, musl): nothing to do.
 """
 import ctypes
