@@ -7,7 +7,12 @@ a round times K jax steps then K torch steps; we report the median step time of 
 What a "step" is: one jitted `value_and_grad` of the mean token NLL plus an optax Adam update
 (PyTorch: forward, backward, torch.optim.Adam.step), batch and shapes identical, fp32.
 GFLOP/s counts only matmul flops (LSTM + output layer, x3 for forward+backward) so it is
-comparable with the plain matmul measured in the same run.
+comparable with the plain matmul measured in the same run. `pf` is minor page faults per step.
+
+The allocator: by default the whole process runs with the malloc settings the `jaxlm` CLI uses
+(jaxlm/malloc.py), so both frameworks reuse freed memory instead of page-faulting it in again;
+with glibc's defaults PyTorch's step time swung by up to 1.7x between identical runs depending on
+allocation history. `--allocator glibc` measures the process default instead.
 
 Usage:
   .venv/bin/python scripts/bench_lm.py                      # all configs

@@ -7,6 +7,10 @@ CPU LSTM is a library kernel). `lstm_cpu.cc` runs each step as one BLAS sgemm (O
 `jaxlm.models.lstm` selects it with `lax.platform_dependent`, so the same jitted function runs the
 XLA scan on GPU and TPU.
 
+Sharding: XLA cannot split a custom call, so under a multi-device CPU mesh (data parallelism over
+simulated or real CPU devices) each device runs the call on the whole gathered batch: correct
+(tested), but that part of the step does not get faster with more CPU devices.
+
 Build: `g++` compiles the source into `$JAXLM_CACHE_DIR` (default `~/.cache/jaxlm`), keyed by a hash
 of the source, the jax version and the CPU, so a rebuild happens only when one of them changes
 (~3 s). Set `JAXLM_LSTM_KERNEL=0` to use the XLA scan on CPU too. If the build fails, jaxlm warns
