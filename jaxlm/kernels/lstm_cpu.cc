@@ -87,6 +87,14 @@ inline Chunk UnitsOf(int64_t k, int64_t C, int64_t H) {
   return {b, e - b};
 }
 
+// The rows of a step still inside their length (mask != 0), in order; returns how many.
+inline int64_t ActiveRows(const float* mask_t, int64_t B, int64_t* rows) {
+  int64_t na = 0;
+  for (int64_t b = 0; b < B; ++b)
+    if (mask_t[b] != 0.0f) rows[na++] = b;
+  return na;
+}
+
 // Threads to use: the pool's, but no chunk narrower than 32 units (smaller sgemms lose more to
 // synchronisation than they gain).
 inline int64_t NumChunks(ffi::ThreadPool& pool, int64_t H) {
@@ -137,6 +145,8 @@ ffi::Error Forward(ffi::ThreadPool& pool, F32& xz, F32& mask, F32& w_hh, F32& c0
   std::memcpy(h_buf.data(), h0.typed_data(), sizeof(float) * B * H);
   std::memcpy(c_out, c0.typed_data(), sizeof(float) * B * H);
   std::vector<float> no_residual(C * 5 * H);  // acts and tc scratch when not saving
+  std::vector<float> h_gather(C * B * H);     // per chunk: the active rows of h
+  std::vector<int64_t> active(C * B);         // per chunk: their indices
 
   auto work = [&](int64_t s, int64_t k) {
     const int64_t t = reverse ? T - 1 - s : s;
@@ -144,17 +154,43 @@ ffi::Error Forward(ffi::ThreadPool& pool, F32& xz, F32& mask, F32& w_hh, F32& c0
     const int64_t n = u.size, u0 = u.begin;
     const float* h_in = h_buf.data() + (s % 2) * B * H;
     float* h_next = h_buf.data() + ((s + 1) % 2) * B * H;
+    // Like PyTorch's packed sequences, only the rows still inside their length are computed:
+    // the sgemm runs on those rows gathered (all of them, in place, when none is padding).
+    int64_t* rows = active.data() + k * B;
+    const int64_t na = ActiveRows(m + t * B, B, rows);
+    const float* h_rows = h_in;
+    if (na < B) {
+      float* gathered = h_gather.data() + k * B * H;
+      for (int64_t i = 0; i < na; ++i)
+        std::memcpy(gathered + i * H, h_in + rows[i] * H, sizeof(float) * H);
+      h_rows = gathered;
+    }
     float* zk = z.data() + B * 4 * u0;
-    for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < na; ++i)
       for (int64_t q = 0; q < 4; ++q)
-        std::memcpy(zk + b * 4 * n + q * n, x + (t * B + b) * G + q * H + u0,
+        std::memcpy(zk + i * 4 * n + q * n, x + (t * B + rows[i]) * G + q * H + u0,
                     sizeof(float) * n);
-    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, B, 4 * n, H, 1.0f, h_in, H,
-                      packed.data() + H * 4 * u0, 4 * n, 1.0f, zk, 4 * n);
-    for (int64_t b = 0; b < B; ++b) {
+    if (na > 0)
+      scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, na, 4 * n, H, 1.0f, h_rows,
+                        H, packed.data() + H * 4 * u0, 4 * n, 1.0f, zk, 4 * n);
+    for (int64_t b = 0; b < B; ++b) {  // every row: residual carry, and pass-through if padding
       const int64_t row = t * B + b;
-      const bool valid = m[row] != 0.0f;
-      const float* zb = zk + b * 4 * n;
+      if (h_prev) {
+        std::memcpy(h_prev + row * H + u0, h_in + b * H + u0, sizeof(float) * n);
+        std::memcpy(c_prev + row * H + u0, c_out + b * H + u0, sizeof(float) * n);
+      }
+      if (m[row] != 0.0f) continue;
+      std::memcpy(h_next + b * H + u0, h_in + b * H + u0, sizeof(float) * n);
+      std::memset(y + row * H + u0, 0, sizeof(float) * n);
+      if (acts) {  // unused by the backward (a padded step's dz is 0), but never left undefined
+        for (int64_t q = 0; q < 4; ++q)
+          std::memset(acts + row * G + q * H + u0, 0, sizeof(float) * n);
+        std::memset(tcs + row * H + u0, 0, sizeof(float) * n);
+      }
+    }
+    for (int64_t i = 0; i < na; ++i) {
+      const int64_t b = rows[i], row = t * B + b;
+      const float* zb = zk + i * 4 * n;
       float* scratch = no_residual.data() + k * 5 * H;
       float* ai = acts ? acts + row * G + u0 : scratch;
       float* af = acts ? ai + H : scratch + H;
@@ -162,13 +198,8 @@ ffi::Error Forward(ffi::ThreadPool& pool, F32& xz, F32& mask, F32& w_hh, F32& c0
       float* ao = acts ? ai + 3 * H : scratch + 3 * H;
       float* tc = tcs ? tcs + row * H + u0 : scratch + 4 * H;
       float* cb = c_out + b * H + u0;
-      const float* hb = h_in + b * H + u0;
       float* hn = h_next + b * H + u0;
       float* yb = y + row * H + u0;
-      if (h_prev) {
-        std::memcpy(h_prev + row * H + u0, hb, sizeof(float) * n);
-        std::memcpy(c_prev + row * H + u0, cb, sizeof(float) * n);
-      }
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         ai[j] = Sigmoid(zb[j]);
@@ -178,12 +209,10 @@ ffi::Error Forward(ffi::ThreadPool& pool, F32& xz, F32& mask, F32& w_hh, F32& c0
       }
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
-        const float c_new = af[j] * cb[j] + ai[j] * ag[j];
-        tc[j] = std::tanh(c_new);
-        const float h_new = ao[j] * tc[j];
-        cb[j] = valid ? c_new : cb[j];
-        hn[j] = valid ? h_new : hb[j];
-        yb[j] = valid ? h_new : 0.0f;
+        cb[j] = af[j] * cb[j] + ai[j] * ag[j];
+        tc[j] = std::tanh(cb[j]);
+        hn[j] = ao[j] * tc[j];
+        yb[j] = hn[j];
       }
     }
   };
@@ -213,7 +242,8 @@ ffi::Error ForwardInfer(ffi::ThreadPool pool, F32 xz, F32 mask, F32 w_hh, F32 c0
 //
 // Item (s, k): first chunk k's columns of dh from the previous item's step (dz of all units x
 // the rows of W_hh for chunk k: needs every chunk's dz, hence the step order), then the gate
-// gradients of chunk k at step s. Step T only finishes dh0.
+// gradients of chunk k at step s. Step T only finishes dh0. As in the forward, only the rows
+// inside their length enter the sgemm.
 ffi::Error Backward(ffi::ThreadPool pool, F32 w_hh, F32 mask, F32 c_prev, F32 acts, F32 tcs,
                     F32 dys, F32 dc_last, F32 dh_last, int64_t reverse, F32Out dz_out,
                     F32Out dc0, F32Out dh0) {
@@ -236,23 +266,37 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 w_hh, F32 mask, F32 c_prev, F32 ac
   std::memcpy(dh, dh_last.typed_data(), sizeof(float) * B * H);
   const int64_t C = NumChunks(pool, H);
   std::vector<float> dh_new(B * H);  // chunk k's [B, n] at offset B * u0
+  // A step's dz of its active rows only, packed [na, 4H] for the next item's sgemm when the step
+  // has padding; two buffers, because step s+1 writes one while step s's is still being read.
+  std::vector<float> dz_packed(2 * B * G);
+  std::vector<int64_t> active(C * B);
   auto time_of = [&](int64_t s) { return reverse ? s : T - 1 - s; };
 
   auto work = [&](int64_t s, int64_t k) {
     const Chunk u = UnitsOf(k, C, H);
     const int64_t n = u.size, u0 = u.begin;
-    if (s > 0) {
+    int64_t* rows = active.data() + k * B;
+    if (s > 0) {  // dh of the active rows of the previous step; padding rows keep theirs
       const int64_t tp = time_of(s - 1);
+      const int64_t na = ActiveRows(m + tp * B, B, rows);
+      const float* dz_rows =
+          na == B ? dz_all + tp * B * G : dz_packed.data() + ((s - 1) % 2) * B * G;
       float* out = dh_new.data() + B * u0;
-      scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, B, n, G, 1.0f,
-                        dz_all + tp * B * G, G, w + u0 * G, G, 0.0f, out, n);
-      for (int64_t b = 0; b < B; ++b)
-        if (m[tp * B + b] != 0.0f) std::memcpy(dh + b * H + u0, out + b * n, sizeof(float) * n);
+      if (na > 0)
+        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, na, n, G, 1.0f, dz_rows, G,
+                          w + u0 * G, G, 0.0f, out, n);
+      for (int64_t i = 0; i < na; ++i)
+        std::memcpy(dh + rows[i] * H + u0, out + i * n, sizeof(float) * n);
     }
     if (s == T) return;
     const int64_t t = time_of(s);
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t row = t * B + b;
+    const int64_t na = ActiveRows(m + t * B, B, rows);
+    for (int64_t b = 0; b < B; ++b)
+      if (m[t * B + b] == 0.0f)
+        for (int64_t q = 0; q < 4; ++q)
+          std::memset(dz_all + (t * B + b) * G + q * H + u0, 0, sizeof(float) * n);
+    for (int64_t r = 0; r < na; ++r) {
+      const int64_t b = rows[r], row = t * B + b;
       const float* a = a_all + row * G + u0;
       const float* tc = tc_all + row * H + u0;
       const float* cp = cp_all + row * H + u0;
@@ -260,10 +304,6 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 w_hh, F32 mask, F32 c_prev, F32 ac
       float* dz = dz_all + row * G + u0;
       float* dcb = dc + b * H + u0;
       const float* dhb = dh + b * H + u0;
-      if (m[row] == 0.0f) {
-        for (int64_t q = 0; q < 4; ++q) std::memset(dz + q * H, 0, sizeof(float) * n);
-        continue;
-      }
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         const float i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
@@ -274,6 +314,11 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 w_hh, F32 mask, F32 c_prev, F32 ac
         dz[2 * H + j] = dcn * i * (1.0f - g * g);
         dz[3 * H + j] = dhn * tc[j] * o * (1.0f - o);
         dcb[j] = dcn * f;
+      }
+      if (na < B) {
+        float* packed = dz_packed.data() + (s % 2) * B * G + r * G + u0;
+        for (int64_t q = 0; q < 4; ++q)
+          std::memcpy(packed + q * H, dz + q * H, sizeof(float) * n);
       }
     }
   };
