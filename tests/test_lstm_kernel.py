@@ -48,13 +48,19 @@ def _loss_and_grads(module, params, x, lengths, init):
   return outputs, value, grads
 
 
+# Lengths: none (every step of every row runs), ragged (each step's sgemm runs on a subset of
+# rows, one row never runs), short (the last steps have no row left at all).
+LENGTHS = {"none": None, "ragged": [11, 4, 1, 0, 9], "short": [6, 4, 1, 0, 2]}
+
+
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("lengths", list(LENGTHS))
 @pytest.mark.parametrize("hidden", [8, 65])  # 65: two chunks of 32 and 33 units
-def test_layer_kernel_equals_xla(xla_only, reverse, padded, hidden):
+def test_layer_kernel_equals_xla(xla_only, reverse, lengths, hidden):
   B, T, E = 5, 11, 7
   x = jax.random.normal(jax.random.PRNGKey(0), (B, T, E))
-  lengths = jnp.array([11, 4, 1, 0, 9]) if padded else None
+  padded = LENGTHS[lengths] is not None
+  lengths = jnp.array(LENGTHS[lengths]) if padded else None
   init = tuple(jax.random.normal(jax.random.PRNGKey(i), (B, hidden)) for i in (2, 3))
   layer = LSTMLayer(hidden, reverse=reverse)
   params = layer.init(jax.random.PRNGKey(1), x)
