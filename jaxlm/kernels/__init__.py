@@ -3,7 +3,8 @@
 Why a kernel: on XLA:CPU a scanned LSTM step is a chain of small separately-run operations, and at
 language-model shapes that per-operation cost made jaxlm's train step slower than PyTorch's (whose
 CPU LSTM is a library kernel). `lstm_cpu.cc` runs each step as one BLAS sgemm (OpenBLAS from the
-`scipy-openblas32` wheel) and one vectorised gate pass. It is used only on CPU, for float32:
+`scipy-openblas32` wheel) over the rows still inside their length (so padding costs nothing, as
+with PyTorch's packed sequences) and one vectorised gate pass. It is used only on CPU, for float32:
 `jaxlm.models.lstm` selects it with `lax.platform_dependent`, so the same jitted function runs the
 XLA scan on GPU and TPU.
 

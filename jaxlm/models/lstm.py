@@ -13,10 +13,11 @@ Why it is fast on CPU:
   loop, one small matmul per step: a seed-003 train step measured 0.62-0.73 s that way and
   0.54 s fused, on this CPU.
 - On CPU, in float32, the fused recurrence's two loops run in `jaxlm.kernels` (a C++ XLA FFI
-  kernel: per step one BLAS sgemm and one vectorised gate pass, split over XLA's threads) instead
-  of as `lax.scan`s, whose small per-step operations XLA:CPU runs one by one. Same residuals, same
-  gradients (tested against the scans); `lax.platform_dependent` keeps the scans for GPU and TPU,
-  so one jitted function serves all three.
+  kernel: per step one BLAS sgemm over the rows inside their length and one vectorised gate
+  pass, split over XLA's threads) instead of as `lax.scan`s, whose small per-step operations
+  XLA:CPU runs one by one. Same residuals, same gradients (tested against the scans);
+  `lax.platform_dependent` keeps the scans for GPU and TPU, so one jitted function serves all
+  three.
 - `impl='scan'` is the plain `flax.linen.scan` recurrence (weights broadcast, scanned over time),
   differentiated by autodiff. It is the reference the fused path is tested against and what the
   design card describes; both give the same numbers.
