@@ -36,17 +36,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from jaxlm import malloc  # noqa: E402
 
 
-def _allocator_flag(argv):
-  """`--allocator` read before argparse: it must take effect before jax or torch start threads."""
-  for i, arg in enumerate(argv):
-    if arg.startswith("--allocator="):
-      return arg.split("=", 1)[1]
-    if arg == "--allocator" and i + 1 < len(argv):
-      return argv[i + 1]
-  return "tuned"
-
-
-if _allocator_flag(sys.argv) == "tuned" and not malloc.tune():
+# `--allocator` is read before anything else: it must take effect before jax or torch start
+# threads. main()'s parser inherits it.
+ALLOCATOR_FLAG = argparse.ArgumentParser(add_help=False)
+ALLOCATOR_FLAG.add_argument(
+    "--allocator", choices=("tuned", "glibc"), default="tuned",
+    help="tuned: the settings the jaxlm CLI applies (jaxlm/malloc.py), here for both frameworks; "
+         "glibc: the process default")
+if ALLOCATOR_FLAG.parse_known_args()[0].allocator == "tuned" and not malloc.tune():
   raise SystemExit("--allocator tuned needs glibc's mallopt; use --allocator glibc")
 
 import jax  # noqa: E402
@@ -347,16 +344,13 @@ def bench(name, jax_run, torch_run, flops, tokens, rounds, steps):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[ALLOCATOR_FLAG])
   parser.add_argument("--configs", default="quickstart,seed001,imdb,seed003,seed003ragged",
                       help="comma list of: " + ",".join(list(LM_CONFIGS) +
                                                        ["seed003", "seed003ragged"]))
   parser.add_argument("--outputs", default="full,adaptive,sampled")
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=5)
-  parser.add_argument("--allocator", choices=("tuned", "glibc"), default="tuned",
-                      help="tuned: the settings the jaxlm CLI applies (jaxlm/malloc.py), here "
-                           "for both frameworks; glibc: the process default")
   args = parser.parse_args()
 
   print(machine_info())

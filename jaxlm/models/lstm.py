@@ -186,6 +186,14 @@ def _use_kernel(dtype) -> bool:
   return jnp.dtype(dtype) == jnp.float32 and kernels.available()
 
 
+def _kernel_on_cpu(dtype, kernel_fn, scan_fn):
+  """`kernel_fn()` where this runs on CPU and the kernel applies, else `scan_fn()`; the choice
+  between CPU and GPU/TPU is made per device inside the jitted function."""
+  if not _use_kernel(dtype):
+    return scan_fn()
+  return jax.lax.platform_dependent(cpu=kernel_fn, default=scan_fn)
+
+
 def _float_mask(mask, xz):
   if mask is None:
     return jnp.ones(xz.shape[:2], jnp.float32)
@@ -205,36 +213,29 @@ def _fused_recurrence(reverse: bool):
 
   @jax.custom_vjp
   def recurrence(xz, mask, w_hh, c0, h0):
-    if not _use_kernel(xz.dtype):
-      return _recurrence_plain(xz, mask, w_hh, c0, h0, reverse)
-    return jax.lax.platform_dependent(
-        cpu=lambda: tuple(kernels.forward(xz, _float_mask(mask, xz), w_hh, c0, h0,
-                                          reverse=reverse, save_residuals=False)),
-        default=lambda: _recurrence_plain(xz, mask, w_hh, c0, h0, reverse))
+    return _kernel_on_cpu(
+        xz.dtype,
+        lambda: tuple(kernels.forward(xz, _float_mask(mask, xz), w_hh, c0, h0, reverse=reverse,
+                                      save_residuals=False)),
+        lambda: _recurrence_plain(xz, mask, w_hh, c0, h0, reverse))
 
   def fwd(xz, mask, w_hh, c0, h0):
-    if not _use_kernel(xz.dtype):
-      outs, res = _scan_forward(xz, mask, w_hh, c0, h0, reverse)
-    else:
-      def cpu():
-        ys, c, h, *res = kernels.forward(xz, _float_mask(mask, xz), w_hh, c0, h0,
-                                         reverse=reverse, save_residuals=True)
-        return (ys, c, h), tuple(res)
-      outs, res = jax.lax.platform_dependent(
-          cpu=cpu, default=lambda: _scan_forward(xz, mask, w_hh, c0, h0, reverse))
+    def kernel():
+      ys, c, h, *res = kernels.forward(xz, _float_mask(mask, xz), w_hh, c0, h0, reverse=reverse,
+                                       save_residuals=True)
+      return (ys, c, h), tuple(res)
+    outs, res = _kernel_on_cpu(
+        xz.dtype, kernel, lambda: _scan_forward(xz, mask, w_hh, c0, h0, reverse))
     return outs, (w_hh, mask, res)
 
   def bwd(saved, cts):
     w_hh, mask, (h_prev, c_prev, acts, tcs) = saved
     dys, dc_last, dh_last = cts
-    args = (w_hh, mask, c_prev, acts, tcs, dys, dc_last, dh_last)
-    if not _use_kernel(acts.dtype):
-      dzs, dc0, dh0 = _scan_backward(*args, reverse)
-    else:
-      dzs, dc0, dh0 = jax.lax.platform_dependent(
-          cpu=lambda: tuple(kernels.backward(w_hh, _float_mask(mask, acts), *args[2:],
-                                             reverse=reverse)),
-          default=lambda: _scan_backward(*args, reverse))
+    args = (c_prev, acts, tcs, dys, dc_last, dh_last)
+    dzs, dc0, dh0 = _kernel_on_cpu(
+        acts.dtype,
+        lambda: tuple(kernels.backward(w_hh, _float_mask(mask, acts), *args, reverse=reverse)),
+        lambda: _scan_backward(w_hh, mask, *args, reverse))
     # The weight gradient of every step at once: one [H, T*B] x [T*B, 4H] matmul.
     hdim, gdim = h_prev.shape[-1], dzs.shape[-1]
     dw = jnp.dot(h_prev.reshape(-1, hdim).T, dzs.reshape(-1, gdim))
