@@ -15,7 +15,7 @@ import numpy as np
 
 from jaxlm import checkpoint, config as config_lib, graft, metrics, params as params_lib
 from jaxlm import batching, tasks, tokenizers
-from jaxlm.errors import CheckpointError, ConfigError
+from jaxlm.errors import CheckpointError, ConfigError, GraftError
 from jaxlm.train import loop, steps, strategies
 
 
@@ -30,13 +30,13 @@ def _latest_step(workdir: pathlib.Path):
     return ckpt.latest_step()
 
 
-def _prepare(config, workdir: pathlib.Path, kind: str, tokenizer=None):
+def _prepare(config, workdir: pathlib.Path, kinds: tuple[str, ...], tokenizer=None):
   """Validated config + task; the tokenizer is the workdir's when resuming, else `tokenizer` (the
-  pretrained LM's, when grafting) or a new one trained on the train split."""
+  pretrained model's, when grafting) or a new one trained on the train split."""
   config_lib.validate(config)
-  if config.task != kind:
-    raise ConfigError(f"config.task={config.task!r}, but this command trains a {kind}; use a config "
-                      f"built on jaxlm.config.{kind}_config() (see configs/)")
+  if config.task not in kinds:
+    raise ConfigError(f"config.task={config.task!r}, but this command trains a {' or '.join(kinds)}; "
+                      f"use a config built on jaxlm.config.{kinds[0]}_config() (see configs/)")
   resuming = _latest_step(workdir) is not None
   if resuming:
     tokenizer = tokenizers.load_tokenizer(workdir / "tokenizer")
@@ -49,10 +49,14 @@ def _total_steps(config, task) -> int:
   return config.train.max_steps or config.train.num_epochs * per_epoch
 
 
-def train(config, workdir, *, kind, init_params=None, tokenizer=None, progress=True) -> dict:
-  """Shared by pretrain and finetune: build, (resume,) fit, evaluate the best or last state."""
+def train(config, workdir, *, kinds=("lm", "classifier"), init_params=None, graft_map=None,
+          tokenizer=None, progress=True) -> dict:
+  """Shared by pretrain and finetune: build, (resume,) fit, evaluate the best or last state.
+
+  `init_params` (grafted by `graft_map`, an assignment map) start a new run; a resumed run reads
+  its own checkpoint instead."""
   workdir = pathlib.Path(workdir)
-  task, resuming = _prepare(config, workdir, kind, tokenizer)
+  task, resuming = _prepare(config, workdir, kinds, tokenizer)
   devices = loop.Devices.create(config.train.num_devices)
   devices.check_batch_size(config.data.batch_size, "data.batch_size")
   devices.check_batch_size(config.data.eval_batch_size, "data.eval_batch_size")
@@ -60,8 +64,8 @@ def train(config, workdir, *, kind, init_params=None, tokenizer=None, progress=T
   params = task.init_params(seed)
   report = None
   if init_params is not None and not resuming:
-    params, report = graft.graft(init_params, params, graft.LM_TO_CLASSIFIER)
-  plan = strategies.make_strategy(config.get("finetune"), params)
+    params, report = graft.graft(init_params, params, graft_map)
+  plan = strategies.make_strategy(config.get("finetune"), params, task.family)
   total_steps = _total_steps(config, task)
   optimizers = {}
 
@@ -72,7 +76,7 @@ def train(config, workdir, *, kind, init_params=None, tokenizer=None, progress=T
     return optimizers[phase]
 
   state = steps.create_state(params, optimizer(0), seed)
-  select = config.finetune.select_metric if kind == "classifier" else None  # LMs keep the latest
+  select = task.kind.select_metric(config)  # None (LMs): keep the latest
   select_mode = config_lib.SELECT_MODES[select] if select else "max"
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.max_to_keep,
                                  best_metric=select, best_mode=select_mode)
@@ -128,7 +132,8 @@ def train(config, workdir, *, kind, init_params=None, tokenizer=None, progress=T
   writer = metrics.MetricsWriter(workdir)
   if resuming:
     writer.rewind(int(jax.device_get(state.step)))
-  _log(f"{kind}: {params_lib.count_params(params):,} parameters, {task.info}, "
+  _log(f"{task.kind.name} ({config.model.name}): {params_lib.count_params(params):,} parameters, "
+       f"{params_lib.count_params(_trainable(params, plan))} trainable, {task.info}, "
        f"{task.train_batches.num_batches_per_epoch} batches/epoch on {devices.count} "
        f"{jax.devices()[0].platform} device(s)")
   t0 = time.perf_counter()
@@ -136,10 +141,16 @@ def train(config, workdir, *, kind, init_params=None, tokenizer=None, progress=T
                            checkpointer=ckpt, writer=writer, devices=devices, meta=meta,
                            carry=carry, progress=progress)
   result["train_seconds"] = time.perf_counter() - t0
-  writer.plot(workdir / "metrics.png", ["loss", "perplexity" if kind == "lm" else "accuracy"])
+  writer.plot(workdir / "metrics.png", ["loss", task.kind.plot_metric])
   ckpt.close()
   return {"task": task, "state": state, "result": result, "devices": devices,
-          "eval_step": eval_step, "workdir": workdir}
+          "eval_step": eval_step, "workdir": workdir, "plan": plan}
+
+
+def _trainable(params, plan, epoch: int = 0):
+  """The leaves that train in `epoch` under `plan` (for parameter counts)."""
+  mask = plan.trainable_mask(params, epoch)
+  return [leaf for leaf, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m]
 
 
 def _restore_any_phase(ckpt, params, plan, optimizer, seed, carry=None):
@@ -160,8 +171,11 @@ def _restore_any_phase(ckpt, params, plan, optimizer, seed, carry=None):
 
 
 def pretrain(config, workdir, *, progress=True) -> dict:
-  """Seed 001: train the LSTM LM; report held-out and test perplexity beside a unigram baseline."""
-  run = train(config, workdir, kind="lm", progress=progress)
+  """Train a model from scratch to graft from: seed 001's LSTM LM (test perplexity beside a
+  unigram baseline) or seed 004's transformer as a topic classifier (test accuracy)."""
+  run = train(config, workdir, progress=progress)
+  if run["task"].kind.name == "classifier":
+    return _classifier_summary(config, run, None, command="pretrain")
   task, devices = run["task"], run["devices"]
   test = lm_test_metrics(config, task, run["eval_step"], run["state"].params, devices)
   summary = {"command": "pretrain", "workdir": str(run["workdir"]), **test,
@@ -176,33 +190,55 @@ def pretrain(config, workdir, *, progress=True) -> dict:
 
 def lm_test_metrics(config, task, eval_step, params, devices) -> dict:
   """Perplexity on the test split's text (never trained on) and an add-one unigram baseline."""
-  test_texts = [r.text for r in tasks.read_split(config, config.data.test_split, labeled=False,
-                                                 max_examples=config.data.test_max_examples)]
-  batches = tasks.lm_batches(config, task.tokenizer, test_texts, shuffle=False, seed=0,
-                             batch_size=config.data.eval_batch_size)
+  records = tasks.read_split(config, config.data.test_split, labeled=False,
+                             max_examples=config.data.test_max_examples)
+  batches = task.kind.batches(config, task.tokenizer, records, shuffle=False, seed=0,
+                              batch_size=config.data.eval_batch_size)
   carry = task.carry_init(batches.batch_size)() if task.stream else None
   test = tasks.evaluate_batches(eval_step, params, batches.epoch_batches(), devices, carry=carry)
   unigram = metrics.unigram_perplexity([task.train_batches.target_ids()], [batches.target_ids()],
                                        task.tokenizer.vocab_size)
   return {"test_perplexity": test["perplexity"], "test_loss": test["loss"],
-          "test_tokens": int(test["count"]), "test_reviews": len(test_texts),
+          "test_tokens": int(test["count"]), "test_reviews": len(records),
           "unigram_perplexity": unigram}
 
 
 def finetune(config, workdir, *, init_from=None, progress=True) -> dict:
-  """Seeds 000/002/003: graft an LM (optional), train with a freezing strategy, test the best state."""
-  init_params = tokenizer = None
+  """Seeds 000/002/003/004: graft a pretrained run (optional), train with a freezing strategy,
+  test the best state.
+
+  The graft map is `config.finetune.graft_map`, or with `auto` the one the model's family picks
+  for the source run (an LM into a classifier, a classifier into a classifier with a new head).
+  """
+  config_lib.validate(config)
+  init_params = tokenizer = graft_map = None
   if init_from is not None:
     init_from = pathlib.Path(init_from)
+    source_config = checkpoint.load_config(init_from)
+    graft_map = _graft_map(source_config, config, init_from)
     init_params = checkpoint.restore_params(init_from)
-    # The classifier must read text exactly as the LM did: it reuses the LM's tokenizer.
+    # The classifier must read text exactly as the pretrained model did: it reuses its tokenizer.
     tokenizer = tokenizers.load_tokenizer(init_from / "tokenizer")
-  run = train(config, workdir, kind="classifier", init_params=init_params, tokenizer=tokenizer,
-              progress=progress)
+  run = train(config, workdir, kinds=("classifier",), init_params=init_params,
+              graft_map=graft_map, tokenizer=tokenizer, progress=progress)
   return _classifier_summary(config, run, init_from)
 
 
-def _classifier_summary(config, run, init_from) -> dict:
+def _graft_map(source_config, config, init_from):
+  """The assignment map from the run in `init_from` into `config`'s model (same family only)."""
+  from jaxlm import models
+  family = models.family_of(config.model.name)
+  source_family = models.family_of(source_config.model.name)
+  if source_family is not family:
+    raise GraftError(f"{init_from} holds a {source_config.model.name} ({source_family.name} family); "
+                     f"it cannot graft into {config.model.name} ({family.name} family)")
+  name = config.finetune.get("graft_map", "auto")
+  if name == "auto":
+    name = family.default_graft_map(source_config, config)
+  return family.graft_map(name)
+
+
+def _classifier_summary(config, run, init_from, command="finetune") -> dict:
   workdir, task, devices = run["workdir"], run["task"], run["devices"]
   best = run["result"]["best"]
   params = run["state"].params
@@ -210,12 +246,17 @@ def _classifier_summary(config, run, init_from) -> dict:
     params = checkpoint.restore_params(workdir, which="best")
   test = classifier_split_metrics(config, task, run["eval_step"], params, devices,
                                   config.data.test_split)
-  summary = {"command": "finetune", "workdir": str(workdir), "init_from": str(init_from) if init_from else None,
-             "strategy": config.finetune.strategy, "best_valid": best,
+  plan = run["plan"]
+  summary = {"command": command, "workdir": str(workdir), "init_from": str(init_from) if init_from else None,
+             "model": config.model.name, "strategy": config.finetune.strategy, "best_valid": best,
              "test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_confusion": test["confusion"],
              "test_examples": int(test["count"]), "majority_accuracy": test["majority_accuracy"],
              "steps": run["result"]["step"], "train_seconds": run["result"]["train_seconds"],
-             "parameters": params_lib.count_params(params), "train_records": task.info["train_records"]}
+             "parameters": params_lib.count_params(params),
+             "trainable_parameters": params_lib.count_params(_trainable(params, plan)),
+             "trainable_parameters_last_epoch": params_lib.count_params(
+                 _trainable(params, plan, config.train.num_epochs - 1)),
+             "train_records": task.info["train_records"]}
   checkpoint.write_json_atomic(workdir / "summary.json", summary)
   _log(f"test accuracy {test['accuracy']:.4f} (majority class {test['majority_accuracy']:.4f}) "
        f"on {int(test['count']):,} examples; best valid {best}")
@@ -223,13 +264,13 @@ def _classifier_summary(config, run, init_from) -> dict:
 
 
 def classifier_split_metrics(config, task, eval_step, params, devices, split) -> dict:
-  records = tasks.read_split(config, split, labeled=True,
-                             max_examples=config.data.test_max_examples)
-  batches = tasks.classification_batches(config, task.tokenizer, records, shuffle=False, seed=0,
-                                         batch_size=config.data.eval_batch_size)
-  out = tasks.evaluate_batches(eval_step, params, batches.epoch_batches(), devices)
-  train_majority = int(np.argmax(task.info["label_counts"]))
-  out["majority_accuracy"] = float(np.mean([r.label == train_majority for r in records]))
+  out = task.kind.evaluate(config, task.tokenizer, task.model, params, devices, split,
+                           max_examples=config.data.test_max_examples, eval_step=eval_step)
+  # The confusion matrix's rows count the split's labels: the share of the train split's most
+  # common label is what always predicting it would score.
+  label_counts = np.sum(out["confusion"], axis=1)
+  out["majority_accuracy"] = float(label_counts[int(np.argmax(task.info["label_counts"]))]
+                                   / max(1, np.sum(label_counts)))
   return out
 
 
@@ -238,7 +279,9 @@ def _load_run(workdir, which):
   config = checkpoint.load_config(workdir)
   tokenizer = tokenizers.load_tokenizer(workdir / "tokenizer")
   from jaxlm import models
-  model = models.build_model(config.model, tokenizer.vocab_size)
+  family = models.family_of(config.model.name)
+  config.model = family.complete(config.model)
+  model = family.build(config.model, tokenizer.vocab_size)
   params = checkpoint.restore_params(workdir, which=which)
   return config, tokenizer, model, params
 
@@ -249,22 +292,11 @@ def evaluate(workdir, *, split="test", which="best", max_examples=0) -> dict:
   `max_examples` > 0: a seeded random subset of the split (the same one for the same number).
   """
   config, tokenizer, model, params = _load_run(workdir, which)
-  devices = loop.Devices.create(1)
-  if config.task == "lm":
-    records = tasks.read_split(config, split, labeled=False, max_examples=max_examples)
-    batches = tasks.lm_batches(config, tokenizer, [r.text for r in records], shuffle=False, seed=0,
-                               batch_size=config.data.eval_batch_size)
-    eval_step = steps.make_eval_step(steps.lm_loss(model))
-    carry = tasks.zero_state(config.model, config.data.eval_batch_size) if config.data.lm_mode == "stream" else None
-    out = tasks.evaluate_batches(eval_step, params, batches.epoch_batches(), devices, carry=carry)
-    _log(f"{split}: perplexity {out['perplexity']:.3f}, loss {out['loss']:.4f} over {int(out['count']):,} tokens")
-  else:
-    records = tasks.read_split(config, split, labeled=True, max_examples=max_examples)
-    batches = tasks.classification_batches(config, tokenizer, records, shuffle=False, seed=0,
-                                           batch_size=config.data.eval_batch_size)
-    eval_step = steps.make_eval_step(steps.classifier_loss(model, config.model.loss, config.model.num_classes))
-    out = tasks.evaluate_batches(eval_step, params, batches.epoch_batches(), devices)
-    _log(f"{split}: accuracy {out['accuracy']:.4f}, loss {out['loss']:.4f} on {int(out['count']):,} examples")
+  kind = tasks.TASKS[config.task]
+  out = kind.evaluate(config, tokenizer, model, params, loop.Devices.create(1), split,
+                      max_examples=max_examples)
+  _log(f"{split}: {kind.describe(out)}")
+  if "confusion" in out:
     _log("confusion matrix (rows = label, columns = prediction):")
     for i, row in enumerate(out["confusion"]):
       _log(f"  {i}: " + " ".join(f"{v:7d}" for v in row))
@@ -308,10 +340,7 @@ def inspect(config=None, workdir=None) -> dict:
     _, _, _, params = _load_run(workdir, "latest")
   elif config is not None:
     config_lib.validate(config)
-    vocab_size = _vocab_size_for(config)
-    from jaxlm import models
-    model = models.build_model(config.model, vocab_size)
-    params = _abstract_params(model, config)
+    params = _abstract_params(config, _vocab_size_for(config))
   else:
     raise ConfigError("jaxlm inspect needs --config FILE or --workdir DIR")
   rows = params_lib.param_table(params)
@@ -326,17 +355,20 @@ def _vocab_size_for(config) -> int:
   return config.tokenizer.vocab_size + specials
 
 
-def _abstract_params(model, config):
-  tokens = jax.ShapeDtypeStruct((2, 8), np.int32)
-  lengths = jax.ShapeDtypeStruct((2,), np.int32)
+def _abstract_params(config, vocab_size: int):
+  """Shapes and dtypes of the config's params, without computing any (jax.eval_shape)."""
+  from jaxlm import models
+  family = models.family_of(config.model.name)
+  model = family.build(config.model, vocab_size)
+  batch = {"tokens": jax.ShapeDtypeStruct((2, 8), np.int32),
+           "inputs": jax.ShapeDtypeStruct((2, 8), np.int32),
+           "targets": jax.ShapeDtypeStruct((2, 8), np.int32),
+           "lengths": jax.ShapeDtypeStruct((2,), np.int32)}
+  args = family.init_args(config.task, batch)
   rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
   # The abstract arrays must be arguments of eval_shape: a closure would hand them to the model
   # as if they were concrete arrays.
-  if config.task == "lm":
-    variables = jax.eval_shape(lambda t, l: model.init(rngs, t, t, l), tokens, lengths)
-  else:
-    variables = jax.eval_shape(lambda t, l: model.init(rngs, t, l), tokens, lengths)
-  return variables["params"]
+  return jax.eval_shape(lambda *a: model.init(rngs, *a), *args)["params"]
 
 
 def quickstart(config, workdir, *, progress=True) -> dict:

@@ -74,52 +74,37 @@ def _train() -> ml_collections.ConfigDict:
   ))
 
 
-def lm_config() -> ml_collections.ConfigDict:
-  """Defaults of an LSTM language-model pretraining run (seed 001)."""
+def _model(name: str) -> ml_collections.ConfigDict:
+  """The `config.model` block of model `name`, as its family declares it (jaxlm/models/)."""
+  from jaxlm import models
+  return models.family_of(name).config_block(name)
+
+
+def lm_config(model: str = "lstm_lm") -> ml_collections.ConfigDict:
+  """Defaults of a language-model pretraining run (seed 001)."""
   config = ml_collections.ConfigDict()
   config.task = "lm"
   config.data = _data()
   config.data.train_split = "train+unsup"
   config.data.valid_fraction = 0.02
   config.tokenizer = _tokenizer()
-  config.model = ml_collections.ConfigDict(dict(
-      name="lstm_lm",
-      embed_dim=128,
-      hidden_size=256,
-      num_layers=2,
-      dropout_embed=0.1,
-      dropout_hidden=0.2,
-      dropout_output=0.2,
-      tie_weights=False,
-      output="full",           # full | sampled | adaptive
-      num_sampled=1024,
-      adaptive_cutoffs=(2000, 10000),
-  ))
+  config.model = _model(model)
   config.optim = _optim()
   config.train = _train()
   return config
 
 
-def classifier_config() -> ml_collections.ConfigDict:
-  """Defaults of a classifier run (seeds 000, 002, 003): from scratch or grafted from an LM."""
+def classifier_config(model: str = "sentiment_net") -> ml_collections.ConfigDict:
+  """Defaults of a classifier run (seeds 000, 002, 003, 004): from scratch or grafted.
+
+  `model` picks the model and with it the `config.model` block: `sentiment_net` (mean pooling,
+  seed 002), `lstm_classifier` (last state, seed 003), `transformer_classifier` (seed 004).
+  """
   config = ml_collections.ConfigDict()
   config.task = "classifier"
   config.data = _data()
   config.tokenizer = _tokenizer()
-  config.model = ml_collections.ConfigDict(dict(
-      name="sentiment_net",    # sentiment_net (mean pooling, seed 002) | lstm_classifier (last state)
-      embed_dim=128,
-      hidden_size=256,
-      num_layers=2,
-      bidirectional=False,
-      pooling="mean",          # last | mean | max | concat ([last, max, mean])
-      dropout_embed=0.1,
-      dropout_hidden=0.2,
-      dropout_output=0.3,
-      head_hidden=0,           # 0 = one Dense; >0 = ULMFiT-style MLP head
-      loss="bce",              # bce: one logit, BCE-with-logits | softmax: num_classes logits
-      num_classes=2,
-  ))
+  config.model = _model(model)
   config.optim = _optim()
   config.train = _train()
   config.train.num_epochs = 3
@@ -128,6 +113,8 @@ def classifier_config() -> ml_collections.ConfigDict:
       top_k=1,                 # top_k: this many layer groups below the head also train
       discriminative_decay=1.0,  # ULMFiT uses 2.6: lr / decay**depth per layer group; 1 = off
       select_metric="accuracy",  # best checkpoint by this validation metric: accuracy | loss
+      graft_map="auto",        # --init-from: auto (from the source and target runs) or a map the
+                               # model's family declares (e.g. lm_to_bidirectional)
   ))
   return config
 
@@ -166,11 +153,9 @@ def _get(config, dotted):
 def _owned_choices() -> dict:
   """Choices whose lists live with the code that implements them (one list each), checked here
   too so that a bad value fails before any data is read, not minutes into a run."""
-  from jaxlm.models.classifiers import POOLINGS
-  from jaxlm.models.lm import OUTPUTS
   from jaxlm.train.strategies import STRATEGIES
-  return {"model.output": OUTPUTS, "model.pooling": POOLINGS, "finetune.strategy": STRATEGIES,
-          "tokenizer.model_type": ("unigram", "bpe"), "finetune.select_metric": tuple(SELECT_MODES)}
+  return {"finetune.strategy": STRATEGIES, "tokenizer.model_type": ("unigram", "bpe"),
+          "finetune.select_metric": tuple(SELECT_MODES)}
 
 
 def _has(config, dotted) -> bool:
@@ -186,12 +171,19 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks the values a run cannot start without; raises one ConfigError naming the key."""
   for key, choices in {**_CHOICES, **_owned_choices()}.items():
     if not _has(config, key):
-      continue  # e.g. model.output exists only in LM configs
+      continue  # e.g. finetune exists only in classifier configs
     value = _get(config, key)
     if value not in choices:
       raise ConfigError(f"config.{key}={value!r} is not one of {', '.join(choices)}")
-  for key in ("data.batch_size", "data.max_len", "train.num_epochs", "model.hidden_size",
-              "model.embed_dim", "model.num_layers"):
+  from jaxlm import models, tasks
+  if config.get("task") not in tasks.TASKS:
+    raise ConfigError(f"config.task={config.get('task')!r} is not one of {', '.join(tasks.TASKS)}")
+  family = models.family_of(config.model.name)
+  if family.models[config.model.name] != config.task:
+    raise ConfigError(f"config.model.name={config.model.name!r} is a {family.models[config.model.name]} "
+                      f"model, but config.task={config.task!r}")
+  family.validate(config)
+  for key in ("data.batch_size", "data.max_len", "train.num_epochs"):
     if _get(config, key) < 1:
       raise ConfigError(f"config.{key} must be >= 1, got {_get(config, key)}")
   if not 0.0 <= config.data.valid_fraction < 1.0:
@@ -199,10 +191,4 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if config.data.get("test_max_examples", 0) < 0:
     raise ConfigError(f"config.data.test_max_examples must be >= 0 (0 = the whole test split), "
                       f"got {config.data.test_max_examples}")
-  if config.task == "classifier":
-    if config.model.loss not in ("bce", "softmax"):
-      raise ConfigError(f"config.model.loss={config.model.loss!r} is not one of bce, softmax")
-    if config.model.loss == "bce" and config.model.num_classes != 2:
-      raise ConfigError("config.model.loss='bce' needs num_classes=2; use loss='softmax' for "
-                        f"{config.model.num_classes} classes")
   return config

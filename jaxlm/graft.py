@@ -20,19 +20,8 @@ from jaxlm.errors import GraftError
 # (regex searched in the source path, replacement -> target path, or None to drop); first match wins.
 AssignmentMap = Sequence[tuple[str, Optional[str]]]
 
-LM_TO_CLASSIFIER: AssignmentMap = [
-    (r"^embed/(.*)", r"embed/\1"),
-    (r"^encoder/(.*)", r"encoder/\1"),
-    (r"^decoder/.*", None),
-]
-
-# A (forward) LM into a bidirectional classifier: the LM fills the forward direction, `bwd` starts
-# fresh (ULMFiT would graft a second, backward LM into it).
-LM_TO_BIDIRECTIONAL: AssignmentMap = [
-    (r"^embed/(.*)", r"embed/\1"),
-    (r"^encoder/(layer_\d+)/(.*)", r"encoder/\1/fwd/\2"),
-    (r"^decoder/.*", None),
-]
+# The maps themselves belong to the model families (jaxlm/models/*_family.py: `graft_maps`), which
+# know their parameter paths; `config.finetune.graft_map` picks one by name.
 
 
 class Leaf(NamedTuple):
@@ -102,11 +91,11 @@ def _hint(problems: list[tuple[str, str, str]], target_paths) -> str:
                      "(num_layers) differs")
       elif layer:
         hints.append("encoder layers have different submodules: bidirectional differs (use "
-                     "graft.LM_TO_BIDIRECTIONAL to fill the forward direction)")
+                     "--config.finetune.graft_map=lm_to_bidirectional to fill the forward direction)")
   return "\n".join(f"hint: {h}" for h in hints)
 
 
-def graft(source_params, target_params, assignment_map: AssignmentMap = LM_TO_CLASSIFIER,
+def graft(source_params, target_params, assignment_map: AssignmentMap,
           strict: bool = True) -> tuple[dict[str, Any], GraftReport]:
   """Copies source leaves into the target tree by rule: `(params, GraftReport)`.
 

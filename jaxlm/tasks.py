@@ -1,8 +1,10 @@
 """From a config to everything a run needs: records, tokenizer, batches, model and loss.
 
-This is the data flow config -> source -> tokenizer -> batches -> model in one readable place. The
-LM and classifier tasks differ only in which records they keep, how they batch and which loss they
-plug into the shared train step; the loop (jaxlm/train/loop.py) treats them alike.
+This is the data flow config -> source -> tokenizer -> batches -> model in one readable place. A
+task kind (`LMTask`, `ClassifierTask`; `config.task` names one in `TASKS`) says what differs between
+pretraining a language model and training a classifier: which records it keeps, how it batches
+them, its loss, its metrics and test report. The model comes from its family (jaxlm/models/), and
+the loop (jaxlm/train/loop.py) treats every task alike.
 """
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import batching, models, tokenizers
@@ -19,48 +20,170 @@ from jaxlm.errors import DataError
 from jaxlm.train import steps
 
 
+class TaskKind:
+  """What a kind of task does with a config; stateless (one instance per kind in `TASKS`)."""
+  name = ""
+  labeled = False            # keeps only labeled records (and checks their labels)
+  plot_metric = "loss"       # drawn beside the loss in metrics.png
+
+  def loss(self, config, model) -> steps.LossFn:
+    raise NotImplementedError
+
+  def batches(self, config, tokenizer, records: list, *, shuffle: bool, seed: int,
+              batch_size: int | None = None):
+    raise NotImplementedError
+
+  def train_records(self, config, records: list) -> list:
+    return records
+
+  def tokens_in(self, batch: dict) -> float:
+    raise NotImplementedError
+
+  def select_metric(self, config) -> str | None:
+    """Validation metric that picks the best checkpoint; None keeps the latest."""
+    return None
+
+  def stream(self, config) -> bool:
+    return False
+
+  def describe(self, metrics: dict) -> str:
+    raise NotImplementedError
+
+  def info(self, config, train: list) -> dict:
+    return {}
+
+  def evaluate(self, config, tokenizer, model, params, devices, split: str, *,
+               max_examples: int = 0, eval_step=None) -> dict:
+    """Metrics of `params` on `split` of the config's source, from the config alone (no train
+    data is read): what `jaxlm evaluate` and the end-of-run test pass share."""
+    records = read_split(config, split, labeled=self.labeled, max_examples=max_examples)
+    batches = self.batches(config, tokenizer, records, shuffle=False, seed=0,
+                           batch_size=config.data.eval_batch_size)
+    eval_step = eval_step or steps.make_eval_step(self.loss(config, model))
+    carry = None
+    if self.stream(config):
+      carry = models.family_of(config.model.name).initial_carry(config.model, batches.batch_size)
+    out = evaluate_batches(eval_step, params, batches.epoch_batches(), devices, carry=carry)
+    out["records"] = len(records)
+    return out
+
+
+class LMTask(TaskKind):
+  """Seed 001: next-token prediction on text (labels ignored); perplexity."""
+  name = "lm"
+  plot_metric = "perplexity"
+
+  def loss(self, config, model):
+    return steps.lm_loss(model)
+
+  def batches(self, config, tokenizer, records, *, shuffle, seed, batch_size=None):
+    return lm_batches(config, tokenizer, [r.text for r in records], shuffle=shuffle, seed=seed,
+                      batch_size=batch_size)
+
+  def tokens_in(self, batch):
+    return float(np.sum(batch["weights"]))
+
+  def stream(self, config):
+    return config.data.lm_mode == "stream"
+
+  def describe(self, m):
+    return f"perplexity {m['perplexity']:.3f}, loss {m['loss']:.4f} over {int(m['count']):,} tokens"
+
+
+class ClassifierTask(TaskKind):
+  """Seeds 000/002/003/004: labeled records (optionally a seeded subset); accuracy, confusion."""
+  name = "classifier"
+  labeled = True
+  plot_metric = "accuracy"
+
+  def loss(self, config, model):
+    return steps.classifier_loss(model, config.model.loss, config.model.num_classes)
+
+  def batches(self, config, tokenizer, records, *, shuffle, seed, batch_size=None):
+    return classification_batches(config, tokenizer, records, shuffle=shuffle, seed=seed,
+                                  batch_size=batch_size)
+
+  def train_records(self, config, records):
+    if not config.data.num_labeled:
+      return records
+    order = np.random.default_rng(config.train.seed + 17).permutation(len(records))
+    return [records[i] for i in sorted(order[:config.data.num_labeled])]
+
+  def tokens_in(self, batch):
+    return float(np.sum(batch["lengths"] * (batch["weights"] > 0)))
+
+  def select_metric(self, config):
+    return config.finetune.select_metric
+
+  def describe(self, m):
+    return f"accuracy {m['accuracy']:.4f}, loss {m['loss']:.4f} on {int(m['count']):,} examples"
+
+  def info(self, config, train):
+    return {"label_counts": np.bincount([r.label for r in train],
+                                        minlength=config.model.num_classes).tolist()}
+
+
+TASKS: dict[str, TaskKind] = {kind.name: kind for kind in (LMTask(), ClassifierTask())}
+
+
 @dataclasses.dataclass
 class Task:
-  kind: str                         # 'lm' | 'classifier'
+  """One run's task: its kind, tokenizer, model (and family), loss and batches."""
+  kind: TaskKind
+  config: Any
   tokenizer: Any
+  family: models.ModelFamily
   model: Any
   loss_fn: steps.LossFn
   train_batches: Any                # resumable iterator (jaxlm/batching.py)
   valid_batches: Any                # held-out batches for model selection / periodic eval
-  stream: bool = False              # stream-mode LM: carry the LSTM state across batches
   info: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def stream(self) -> bool:
+    """Stream-mode LM: the recurrent state is carried across batches."""
+    return self.kind.stream(self.config)
 
   def example_batch(self) -> dict:
     # Random access: iterating would advance the train iterator, and training would skip batch 0.
     return self.train_batches.batch(0, 0)
 
   def init_params(self, seed: int):
-    batch = self.example_batch()
     rngs = {"params": jax.random.key(seed), "dropout": jax.random.key(seed + 1)}
-    if self.kind == "lm":
-      variables = self.model.init(rngs, batch["inputs"], batch["targets"], batch["lengths"])
-    else:
-      variables = self.model.init(rngs, batch["tokens"], batch["lengths"])
-    return variables["params"]
+    args = self.family.init_args(self.kind.name, self.example_batch())
+    return self.model.init(rngs, *args)["params"]
 
   def tokens_in(self, batch: dict) -> float:
-    if self.kind == "lm":
-      return float(np.sum(batch["weights"]))
-    return float(np.sum(batch["lengths"] * (batch["weights"] > 0)))
+    return self.kind.tokens_in(batch)
 
   def carry_init(self, batch_size: int | None = None) -> Callable | None:
-    """Zero LSTM state for stream mode; `batch_size` defaults to the train batches' (eval batches
-    may be of another size, config.data.eval_batch_size)."""
+    """Zero recurrent state for stream mode; `batch_size` defaults to the train batches' (eval
+    batches may be of another size, config.data.eval_batch_size)."""
     if not self.stream:
       return None
     batch_size = batch_size or self.train_batches.batch_size
-    return lambda: zero_state(self.model, batch_size)
+    return lambda: self.family.initial_carry(self.config.model, batch_size)
 
 
-def zero_state(model_cfg, batch_size: int):
-  """All-zero LSTM state, a (c, h) pair per layer: the start of stream-mode LM training."""
-  zeros = jnp.zeros((batch_size, model_cfg.hidden_size), jnp.float32)
-  return tuple((zeros, zeros) for _ in range(model_cfg.num_layers))
+def build_task(config, tokenizer=None) -> Task:
+  """The task `config.task` names: records read and split, tokenizer trained (unless given),
+  model built by its family, batches made."""
+  kind = TASKS[config.task]
+  seed = config.train.seed
+  records = read_split(config, config.data.train_split, labeled=kind.labeled)
+  train, valid = split_train_valid(kind.train_records(config, records),
+                                   config.data.valid_fraction, seed)
+  if tokenizer is None:
+    tokenizer = tokenizers.build_tokenizer(config.tokenizer, [r.text for r in train])
+  family = models.family_of(config.model.name)
+  model = family.build(config.model, tokenizer.vocab_size)
+  return Task(
+      kind=kind, config=config, tokenizer=tokenizer, family=family, model=model,
+      loss_fn=kind.loss(config, model),
+      train_batches=kind.batches(config, tokenizer, train, shuffle=True, seed=seed),
+      valid_batches=kind.batches(config, tokenizer, valid, shuffle=False, seed=seed,
+                                 batch_size=config.data.eval_batch_size) if valid else None,
+      info={"train_records": len(train), "valid_records": len(valid), **kind.info(config, train)})
 
 
 def split_train_valid(records: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -115,50 +238,6 @@ def classification_batches(config, tokenizer, records: list, *, shuffle: bool, s
   return batching.ClassificationBatches(ids, labels, batch_size=batch_size or config.data.batch_size,
                                         buckets=tuple(config.data.buckets), max_len=config.data.max_len,
                                         pad_id=tokenizer.pad_id, shuffle=shuffle, seed=seed)
-
-
-def lm_task(config, tokenizer=None) -> Task:
-  """Seed 001: LM on the train split's text (labels ignored); held-out text for periodic eval."""
-  seed = config.train.seed
-  records = read_split(config, config.data.train_split, labeled=False)
-  train, valid = split_train_valid(records, config.data.valid_fraction, seed)
-  train_texts = [r.text for r in train]
-  if tokenizer is None:
-    tokenizer = tokenizers.build_tokenizer(config.tokenizer, train_texts)
-  model = models.build_model(config.model, tokenizer.vocab_size)
-  return Task(
-      kind="lm", tokenizer=tokenizer, model=model, loss_fn=steps.lm_loss(model),
-      train_batches=lm_batches(config, tokenizer, train_texts, shuffle=True, seed=seed),
-      valid_batches=lm_batches(config, tokenizer, [r.text for r in valid], shuffle=False, seed=seed,
-                               batch_size=config.data.eval_batch_size) if valid else None,
-      stream=config.data.lm_mode == "stream",
-      info={"train_records": len(train), "valid_records": len(valid)})
-
-
-def classifier_task(config, tokenizer=None) -> Task:
-  """Seeds 000/002/003: labeled train records, optionally a small subset, and a seeded valid split."""
-  seed = config.train.seed
-  records = read_split(config, config.data.train_split, labeled=True)
-  if config.data.num_labeled:
-    order = np.random.default_rng(seed + 17).permutation(len(records))[:config.data.num_labeled]
-    records = [records[i] for i in sorted(order)]
-  train, valid = split_train_valid(records, config.data.valid_fraction, seed)
-  if tokenizer is None:
-    tokenizer = tokenizers.build_tokenizer(config.tokenizer, [r.text for r in train])
-  model = models.build_model(config.model, tokenizer.vocab_size)
-  loss_fn = steps.classifier_loss(model, config.model.loss, config.model.num_classes)
-  return Task(
-      kind="classifier", tokenizer=tokenizer, model=model, loss_fn=loss_fn,
-      train_batches=classification_batches(config, tokenizer, train, shuffle=True, seed=seed),
-      valid_batches=classification_batches(config, tokenizer, valid, shuffle=False, seed=seed,
-                                           batch_size=config.data.eval_batch_size) if valid else None,
-      info={"train_records": len(train), "valid_records": len(valid),
-            "label_counts": np.bincount([r.label for r in train],
-                                        minlength=config.model.num_classes).tolist()})
-
-
-def build_task(config, tokenizer=None) -> Task:
-  return lm_task(config, tokenizer) if config.task == "lm" else classifier_task(config, tokenizer)
 
 
 def evaluate_batches(eval_step, params, batch_iter, devices, *, carry=None, max_batches: int = 0) -> dict:

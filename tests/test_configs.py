@@ -82,10 +82,10 @@ def test_config_init_and_train_step_shapes(name, config):
   params = jax.eval_shape(init, batch)["params"]
   assert params["embed"]["embedding"].shape == (vocab_size, config.model.embed_dim)
 
-  plan = strategies.make_strategy(config.get("finetune"), params)
+  plan = strategies.make_strategy(config.get("finetune"), params, models.family_of(config.model.name))
   carry = None
   if config.task == "lm" and config.data.lm_mode == "stream":
-    carry = commands.tasks.zero_state(config.model, config.data.batch_size)
+    carry = models.family_of(config.model.name).initial_carry(config.model, config.data.batch_size)
   # Every phase of a gradual strategy has its own optimizer and jitted step: trace each.
   for epoch in range(plan.num_phases):
     tx = strategies.build_optimizer(config.optim, params, plan, epoch, total_steps=1000)

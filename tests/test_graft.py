@@ -8,7 +8,8 @@ import pytest
 
 from jaxlm import params as P
 from jaxlm.errors import GraftError
-from jaxlm.graft import LM_TO_BIDIRECTIONAL, LM_TO_CLASSIFIER, Leaf, graft
+from jaxlm.graft import Leaf, graft
+from jaxlm.models.lstm_family import LM_TO_BIDIRECTIONAL, LM_TO_CLASSIFIER
 from jaxlm.models.classifiers import LSTMClassifier, SentimentNet
 from jaxlm.models.lm import LSTMLanguageModel
 
@@ -39,7 +40,7 @@ def classifier_tree(**kw):
 
 def test_copy_drop_initialise_report():
   source, target = lm_tree(), classifier_tree()
-  params, report = graft(source, target)
+  params, report = graft(source, target, LM_TO_CLASSIFIER)
   flat, src, tgt = P.flatten(params), P.flatten(source), P.flatten(target)
   copied = {l.path for l in report.copied}
   assert copied == {p for p in src if not p.startswith("decoder/")}
@@ -84,7 +85,7 @@ def test_strict_unmatched_source_leaves():
 
 def test_vocabulary_mismatch_lists_paths_shapes_and_hint():
   with pytest.raises(GraftError) as err:
-    graft(lm_tree(vocab=20), classifier_tree(vocab=25))
+    graft(lm_tree(vocab=20), classifier_tree(vocab=25), LM_TO_CLASSIFIER)
   msg = str(err.value)
   assert "embed/embedding (20, 4) -> embed/embedding (25, 4)" in msg
   assert "vocabulary" in msg and "1 source leaves" in msg
@@ -92,7 +93,7 @@ def test_vocabulary_mismatch_lists_paths_shapes_and_hint():
 
 def test_hidden_size_mismatch_lists_every_path():
   with pytest.raises(GraftError) as err:
-    graft(lm_tree(hidden=3), classifier_tree(hidden=5))
+    graft(lm_tree(hidden=3), classifier_tree(hidden=5), LM_TO_CLASSIFIER)
   msg = str(err.value)
   offending = [p for p in P.flatten(lm_tree()) if p.startswith("encoder/")]
   assert len(offending) == 8 and f"{len(offending)} source leaves" in msg
@@ -104,13 +105,13 @@ def test_hidden_size_mismatch_lists_every_path():
 
 def test_layer_count_mismatch():
   with pytest.raises(GraftError) as err:
-    graft(lm_tree(layers=3), classifier_tree(layers=2))
+    graft(lm_tree(layers=3), classifier_tree(layers=2), LM_TO_CLASSIFIER)
   msg = str(err.value)
   for leaf in ("ih/kernel", "ih/bias", "hh/kernel", "hh/bias"):
     assert f"encoder/layer_2/{leaf}" in msg
   assert "no such target path" in msg and "num_layers" in msg
   # Fewer source layers is not an error, but the report says which layer starts fresh.
-  _, report = graft(lm_tree(layers=1), classifier_tree(layers=2))
+  _, report = graft(lm_tree(layers=1), classifier_tree(layers=2), LM_TO_CLASSIFIER)
   assert {l.path.split("/")[1] for l in report.initialised if l.path.startswith("encoder/")} == {
       "layer_1"}
 
@@ -119,7 +120,7 @@ def test_dtype_mismatch_and_duplicate_target():
   target = classifier_tree()
   source = jax.tree.map(lambda x: x.astype(np.float16), lm_tree())
   with pytest.raises(GraftError, match="dtype mismatch"):
-    graft(source, target)
+    graft(source, target, LM_TO_CLASSIFIER)
   rules = [(r"^embed/.*", "head/bias"), (r".*", None)]
   with pytest.raises(GraftError, match="already assigned"):
     graft({"embed": {"a": np.zeros(1, np.float32), "b": np.zeros(1, np.float32)}}, target, rules)
@@ -141,7 +142,7 @@ def test_end_to_end_from_language_model(cls, kw):
   lm_params = lm.init(jax.random.key(1), tokens, tokens, lengths)["params"]
   lm_params = jax.tree.map(np.asarray, lm_params)  # as restored from disk
   model = cls(vocab_size=30, embed_dim=6, hidden_size=5, num_layers=2, **kw)
-  params, report = graft(lm_params, _init(model, tokens, lengths))
+  params, report = graft(lm_params, _init(model, tokens, lengths), LM_TO_CLASSIFIER)
   flat = P.flatten(params)
   for path, value in P.flatten(lm_params).items():
     if path.startswith(("embed/", "encoder/")):
@@ -164,7 +165,7 @@ def test_lm_with_different_tokenizer_is_refused():
   lm_params = lm.init(jax.random.key(1), tokens, tokens, lengths)["params"]
   model = LSTMClassifier(vocab_size=40, embed_dim=6, hidden_size=5, num_layers=1)
   with pytest.raises(GraftError, match=r"embed/embedding \(30, 6\) -> embed/embedding \(40, 6\)"):
-    graft(lm_params, _init(model, tokens, lengths))
+    graft(lm_params, _init(model, tokens, lengths), LM_TO_CLASSIFIER)
 
 
 def test_unidirectional_lm_into_bidirectional_classifier():
@@ -173,8 +174,8 @@ def test_unidirectional_lm_into_bidirectional_classifier():
   lm_params = lm.init(jax.random.key(1), tokens, tokens, lengths)["params"]
   model = SentimentNet(vocab_size=30, embed_dim=6, hidden_size=5, bidirectional=True)
   target = _init(model, tokens, lengths)
-  with pytest.raises(GraftError, match="LM_TO_BIDIRECTIONAL"):
-    graft(lm_params, target)
+  with pytest.raises(GraftError, match="lm_to_bidirectional"):
+    graft(lm_params, target, LM_TO_CLASSIFIER)
   with pytest.raises(GraftError, match="shape mismatch"):  # layer_1's input is 2H wide
     graft(lm_params, target, LM_TO_BIDIRECTIONAL)
   one_layer = SentimentNet(vocab_size=30, embed_dim=6, hidden_size=5, num_layers=1,

@@ -124,7 +124,7 @@ def test_one_vs_four_devices_same_params(tmp_path):
   runs = {}
   for n in (1, 4):
     run = commands.train(clf_config(max_steps=4, num_devices=n), tmp_path / f"d{n}",
-                         kind="classifier", progress=False)
+                         kinds=("classifier",), progress=False)
     assert run["devices"].count == n
     runs[n] = jax.device_get(run["state"].params)
   _assert_trees_close(runs[1], runs[4], atol=1e-5)

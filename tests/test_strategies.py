@@ -13,10 +13,12 @@ import optax
 import pytest
 
 from jaxlm import params as P
+from jaxlm.models import FAMILIES
 from jaxlm.errors import ConfigError
 from jaxlm.models.classifiers import SentimentNet
 from jaxlm.train import strategies as S
 
+LSTM = FAMILIES["lstm"]
 GROUPS = ("embed", "encoder/layer_0", "encoder/layer_1", "head")
 
 
@@ -65,7 +67,7 @@ def make_step(model, tx, mask):
 
 
 def run(model, params, batch, strategy, epoch=0, steps=3, top_k=1, decay=1.0, **optim):
-  plan = S.make_strategy(finetune_cfg(strategy, top_k, decay), params)
+  plan = S.make_strategy(finetune_cfg(strategy, top_k, decay), params, LSTM)
   tx = S.build_optimizer(optim_cfg(**optim), params, plan, epoch, total_steps=10)
   mask = plan.trainable_mask(params, epoch)
   step = make_step(model, tx, mask)
@@ -98,29 +100,29 @@ def test_frozen_bit_identical_trainable_changed(setup, strategy, epoch, kw):
 
 def test_layer_groups_and_gradual_order(setup):
   _, params, _ = setup
-  assert S.layer_groups(params) == GROUPS
-  plan = S.make_strategy(finetune_cfg("gradual"), params)
+  assert LSTM.layer_groups(params).names == GROUPS
+  plan = S.make_strategy(finetune_cfg("gradual"), params, LSTM)
   assert [plan.trainable_groups(e) for e in range(6)] == [
       ("head",), ("encoder/layer_1", "head"), ("encoder/layer_0", "encoder/layer_1", "head"),
       GROUPS, GROUPS, GROUPS]
   assert plan.num_phases == 4 and plan.phase(9) == 3
-  assert S.make_strategy(finetune_cfg("head"), params).trainable_groups(5) == ("head",)
-  assert S.make_strategy(finetune_cfg("top_k", 2), params).trainable_groups() == GROUPS[1:]
-  assert S.make_strategy(finetune_cfg("full"), params).trainable_groups() == GROUPS
+  assert S.make_strategy(finetune_cfg("head"), params, LSTM).trainable_groups(5) == ("head",)
+  assert S.make_strategy(finetune_cfg("top_k", 2), params, LSTM).trainable_groups() == GROUPS[1:]
+  assert S.make_strategy(finetune_cfg("full"), params, LSTM).trainable_groups() == GROUPS
   bi = {"encoder": {"layer_0": {"fwd": {"k": 0}, "bwd": {"k": 0}}, "layer_10": {"x": {"k": 0}},
                     "layer_2": {"x": {"k": 0}}}, "head": {"k": 0}, "embed": {"e": 0}}
-  assert S.layer_groups(bi) == ("embed", "encoder/layer_0", "encoder/layer_2", "encoder/layer_10",
+  assert LSTM.layer_groups(bi).names == ("embed", "encoder/layer_0", "encoder/layer_2", "encoder/layer_10",
                                 "head")
 
 
 def test_strategy_config_errors(setup):
   _, params, _ = setup
   with pytest.raises(ConfigError, match="strategy"):
-    S.make_strategy(finetune_cfg("freeze_all"), params)
+    S.make_strategy(finetune_cfg("freeze_all"), params, LSTM)
   with pytest.raises(ConfigError, match="top_k"):
-    S.make_strategy(finetune_cfg("top_k", top_k=4), params)
+    S.make_strategy(finetune_cfg("top_k", top_k=4), params, LSTM)
   with pytest.raises(ConfigError, match="head"):
-    S.make_strategy(finetune_cfg("head"), {"embed": {"e": 0}, "decoder": {"k": 0}})
+    S.make_strategy(finetune_cfg("head"), {"embed": {"e": 0}, "decoder": {"k": 0}}, LSTM)
 
 
 def adam_states(opt_state):
@@ -131,7 +133,7 @@ def adam_states(opt_state):
 @pytest.mark.parametrize("strategy,epoch", [("head", 0), ("top_k", 0), ("gradual", 1), ("full", 0)])
 def test_no_adam_moments_for_frozen_leaves(setup, strategy, epoch):
   _, params, _ = setup
-  plan = S.make_strategy(finetune_cfg(strategy), params)
+  plan = S.make_strategy(finetune_cfg(strategy), params, LSTM)
   state = S.build_optimizer(optim_cfg(), params, plan, epoch).init(params)
   trainable = {p for p, m in P.flatten(plan.trainable_mask(params, epoch)).items() if m}
   mu_paths = [p for s in adam_states(state) for p in P.flatten(s.mu)]
@@ -143,7 +145,7 @@ def test_no_adam_moments_for_frozen_leaves(setup, strategy, epoch):
 
 def test_clip_norm_ignores_frozen_leaves():
   params = {"embed": {"embedding": jnp.zeros((100, 10))}, "head": {"kernel": jnp.zeros((2, 2))}}
-  plan = S.make_strategy(finetune_cfg("head"), params)
+  plan = S.make_strategy(finetune_cfg("head"), params, LSTM)
   tx = S.build_optimizer(optim_cfg(name="sgd", learning_rate=1.0, grad_clip=1.0, weight_decay=0.0),
                          params, plan)
   # Even if a caller passes real frozen grads, they neither update nor enter the norm.
@@ -158,19 +160,19 @@ def test_clip_norm_ignores_frozen_leaves():
 
 def test_discriminative_learning_rates_scale_updates_by_group(setup):
   _, params, _ = setup
-  plan = S.make_strategy(finetune_cfg("full", decay=2.6), params)
+  plan = S.make_strategy(finetune_cfg("full", decay=2.6), params, LSTM)
   tx = S.build_optimizer(optim_cfg(name="sgd", learning_rate=0.1, grad_clip=0.0, weight_decay=0.0),
                          params, plan)
   ones = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(ones, tx.init(params), params)
   for path, update in P.flatten(updates).items():
-    depth = len(GROUPS) - 1 - GROUPS.index(S.group_of(path))
+    depth = len(GROUPS) - 1 - GROUPS.index(plan.group_of(path))
     np.testing.assert_allclose(update, -0.1 / 2.6 ** depth, rtol=1e-6)
 
 
 def test_weight_decay_skips_biases_and_frozen_leaves(setup):
   _, params, _ = setup
-  plan = S.make_strategy(finetune_cfg("top_k", 1), params)
+  plan = S.make_strategy(finetune_cfg("top_k", 1), params, LSTM)
   tx = S.build_optimizer(optim_cfg(grad_clip=0.0, weight_decay=0.5), params, plan)
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)
@@ -193,7 +195,7 @@ def test_stlr_schedule_values():
 
 def test_schedule_drives_the_update():
   params = {"head": {"kernel": jnp.zeros((2,))}}
-  plan = S.make_strategy(finetune_cfg("full"), params)
+  plan = S.make_strategy(finetune_cfg("full"), params, LSTM)
   tx = S.build_optimizer(optim_cfg(name="sgd", schedule="stlr", learning_rate=1.0, grad_clip=0.0,
                                    weight_decay=0.0), params, plan, total_steps=100)
   state, ones = tx.init(params), {"head": {"kernel": jnp.ones((2,))}}
@@ -210,7 +212,7 @@ def test_frozen_grads_are_not_computed(setup):
   loss = loss_fn(model)
 
   def grad_jaxpr(strategy, epoch=0):
-    mask = S.make_strategy(finetune_cfg(strategy), params).trainable_mask(params, epoch)
+    mask = S.make_strategy(finetune_cfg(strategy), params, LSTM).trainable_mask(params, epoch)
     trainable, frozen = S.split_params(params, mask)
     return str(jax.make_jaxpr(jax.grad(lambda t: loss(S.merge_params(t, frozen), batch)))(trainable))
 
@@ -229,7 +231,7 @@ def test_frozen_grads_are_not_computed(setup):
 
 def test_opt_state_survives_gradual_unfreezing(setup):
   model, params, batch = setup
-  plan = S.make_strategy(finetune_cfg("gradual", decay=2.6), params)
+  plan = S.make_strategy(finetune_cfg("gradual", decay=2.6), params, LSTM)
   cfg = optim_cfg(schedule="stlr")
   tx0 = S.build_optimizer(cfg, params, plan, 0, total_steps=10)
   new, state0 = params, tx0.init(params)
@@ -255,7 +257,7 @@ def test_opt_state_survives_gradual_unfreezing(setup):
 
 def test_split_merge_roundtrip(setup):
   _, params, _ = setup
-  mask = S.make_strategy(finetune_cfg("top_k", 1), params).trainable_mask(params)
+  mask = S.make_strategy(finetune_cfg("top_k", 1), params, LSTM).trainable_mask(params)
   trainable, frozen = S.split_params(params, mask)
   assert len(P.flatten(trainable)) + len(P.flatten(frozen)) == len(P.flatten(params))
   merged = S.merge_params(trainable, frozen)

@@ -1,8 +1,8 @@
 """Freezing strategies, discriminative learning rates and schedules, all expressed with optax.
 
-Layer groups, bottom to top: `embed`, `encoder/layer_0` .. `encoder/layer_{n-1}`, then any other
-top-level module, `head` last. They are derived from the param tree, so a bidirectional layer
-(`layer_i/fwd`, `layer_i/bwd`) freezes as one group.
+Layer groups, bottom to top, are declared by the model's family (jaxlm/models/family.py), e.g.
+`embed`, `encoder/layer_0` .. `encoder/layer_{n-1}`, `head` for both the LSTM and the transformer
+families; a strategy only counts groups from the top, so it works for any family.
 
 What "frozen" means here, and why each piece is needed (see STYLE.md, known pitfalls):
 - the train step differentiates only the trainable partition (`split_params` / `merge_params`), so
@@ -25,8 +25,6 @@ wrong for either the old or the new leaves.
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -34,33 +32,10 @@ import optax
 
 from jaxlm import params as P
 from jaxlm.errors import ConfigError
+from jaxlm.models.family import LayerGroups, ModelFamily
 
 STRATEGIES = ("full", "head", "top_k", "gradual")
 FROZEN = "frozen"
-_LAYER = re.compile(r"^layer_(\d+)$")
-
-
-def group_of(path: str) -> str:
-  """Layer group of a param path: `embed`, `encoder/layer_i` or the top-level module name."""
-  parts = path.split(P.SEP)
-  if parts[0] == "encoder" and len(parts) > 2:
-    return f"encoder/{parts[1]}"
-  return parts[0]
-
-
-def layer_groups(params: Mapping[str, Any]) -> tuple[str, ...]:
-  """Groups bottom to top: embed, encoder layers by index, other modules by name, head last."""
-  groups = {group_of(path) for path in P.flatten(params)}
-
-  def rank(group):
-    if group == "embed":
-      return (0, 0, group)
-    if group.startswith("encoder/"):
-      m = _LAYER.match(group.split("/", 1)[1])
-      return (1, int(m.group(1)) if m else 0, group)
-    return (3 if group == "head" else 2, 0, group)
-
-  return tuple(sorted(groups, key=rank))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +46,17 @@ class Plan:
   lr^(l-1) = lr^l / 2.6 with decay 2.6; 1.0 turns it off.
   """
   strategy: str
-  groups: tuple[str, ...]
+  layers: LayerGroups
+  family: ModelFamily           # declares the groups and where weight decay applies
   top_k: int = 1
   discriminative_decay: float = 1.0
+
+  @property
+  def groups(self) -> tuple[str, ...]:
+    return self.layers.names
+
+  def group_of(self, path: str) -> str:
+    return self.layers.group_of(path)
 
   def trainable_groups(self, epoch: int = 0) -> tuple[str, ...]:
     """Groups that train in `epoch` (0-based), bottom to top."""
@@ -91,13 +74,13 @@ class Plan:
   def trainable_mask(self, params, epoch: int = 0):
     """Bool pytree like `params`: True where the leaf trains in `epoch`."""
     trainable = set(self.trainable_groups(epoch))
-    return P.map_with_path(lambda path, _: group_of(path) in trainable, params)
+    return P.map_with_path(lambda path, _: self.group_of(path) in trainable, params)
 
   def labels(self, params, epoch: int = 0):
     """Optimizer partition labels: the group name of trainable leaves, `FROZEN` otherwise."""
     trainable = set(self.trainable_groups(epoch))
     return P.map_with_path(
-        lambda path, _: group_of(path) if group_of(path) in trainable else FROZEN, params)
+        lambda path, _: self.group_of(path) if self.group_of(path) in trainable else FROZEN, params)
 
   @property
   def lr_multipliers(self) -> dict[str, float]:
@@ -114,14 +97,16 @@ class Plan:
     return min(epoch, self.num_phases - 1)
 
 
-def make_strategy(finetune_cfg, params) -> Plan:
-  """Plan from `config.finetune` (strategy, top_k, discriminative_decay); None means full training."""
+def make_strategy(finetune_cfg, params, family: ModelFamily) -> Plan:
+  """Plan from `config.finetune` (strategy, top_k, discriminative_decay) over the layer groups
+  `family` declares for `params`; `finetune_cfg=None` means full training."""
   cfg = finetune_cfg if finetune_cfg is not None else {}
   get = cfg.get
   strategy = get("strategy", "full")
   if strategy not in STRATEGIES:
     raise ConfigError(f"config.finetune.strategy={strategy!r} is not one of {', '.join(STRATEGIES)}")
-  groups = layer_groups(params)
+  layers = family.layer_groups(params)
+  groups = layers.names
   if strategy in ("head", "top_k") and groups[-1] != "head":
     raise ConfigError(f"config.finetune.strategy={strategy!r} needs a 'head' module; the model has "
                       f"layer groups {', '.join(groups)}")
@@ -132,7 +117,7 @@ def make_strategy(finetune_cfg, params) -> Plan:
   decay = float(get("discriminative_decay", 1.0))
   if decay <= 0:
     raise ConfigError(f"config.finetune.discriminative_decay must be > 0, got {decay}")
-  return Plan(strategy, groups, top_k, decay)
+  return Plan(strategy, layers, family, top_k, decay)
 
 
 # --- schedules -------------------------------------------------------------------------------
@@ -175,9 +160,10 @@ def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
 # --- optimizer -------------------------------------------------------------------------------
 
 
-def decay_mask(params):
-  """Weight decay on weights and embeddings, not on biases (the usual AdamW exclusion)."""
-  return P.map_with_path(lambda path, _: not path.endswith("bias"), params)
+def decay_mask(params, family: ModelFamily):
+  """Where weight decay applies, by the family's rule (kernels and embeddings; not biases or
+  LayerNorm scales: the usual AdamW exclusion)."""
+  return P.map_with_path(family.decays, params)
 
 
 def _group_tx(optim_cfg, multiplier: float, wd_mask) -> optax.GradientTransformation:
@@ -206,7 +192,7 @@ def build_optimizer(optim_cfg, params, plan: Plan, epoch: int = 0,
   count is global: carry it across phases with `transfer_opt_state`.
   """
   mask = plan.trainable_mask(params, epoch)
-  wd_mask = decay_mask(params)
+  wd_mask = decay_mask(params, plan.family)
   multipliers = plan.lr_multipliers
   transforms = {g: _group_tx(optim_cfg, multipliers[g], wd_mask)
                 for g in plan.trainable_groups(epoch)}

@@ -1,0 +1,94 @@
+"""The LSTM family (seeds 000-003): `lstm_lm`, `sentiment_net`, `lstm_classifier`.
+
+All three share the submodules `embed` (nn.Embed) and `encoder` (LSTMEncoder, `layer_0..`), so an
+LM's weights graft into a classifier by path. Layer groups bottom to top: `embed`, each
+`encoder/layer_i` (both directions of a bidirectional layer together), then the LM's `decoder` or
+the classifier's `head`.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jaxlm.errors import ConfigError
+from jaxlm.models.classifiers import POOLINGS
+from jaxlm.models.family import CLASSIFIER_TO_CLASSIFIER, ModelFamily
+from jaxlm.models.lm import OUTPUTS
+
+LM_TO_CLASSIFIER = [
+    (r"^embed/(.*)", r"embed/\1"),
+    (r"^encoder/(.*)", r"encoder/\1"),
+    (r"^decoder/.*", None),
+]
+
+# A (forward) LM into a bidirectional classifier: the LM fills the forward direction, `bwd` starts
+# fresh (ULMFiT would graft a second, backward LM into it).
+LM_TO_BIDIRECTIONAL = [
+    (r"^embed/(.*)", r"embed/\1"),
+    (r"^encoder/(layer_\d+)/(.*)", r"encoder/\1/fwd/\2"),
+    (r"^decoder/.*", None),
+]
+
+_SHARED = dict(embed_dim=128, hidden_size=256, num_layers=2, dropout_embed=0.1, dropout_hidden=0.2)
+
+
+class LSTMFamily(ModelFamily):
+  name = "lstm"
+  models = {"lstm_lm": "lm", "sentiment_net": "classifier", "lstm_classifier": "classifier"}
+  group_rules = (
+      (r"^embed/", "embed"),
+      (r"^encoder/(layer_\d+)/", r"encoder/\1"),
+      (r"^decoder/", "decoder"),
+      (r"^head/", "head"),
+  )
+  graft_maps = {"lm_to_classifier": LM_TO_CLASSIFIER, "lm_to_bidirectional": LM_TO_BIDIRECTIONAL,
+                "classifier_to_classifier": CLASSIFIER_TO_CLASSIFIER}
+
+  def fields(self, model_name):
+    if model_name == "lstm_lm":
+      return dict(_SHARED, dropout_output=0.2, tie_weights=False,
+                  output="full",               # full | sampled | adaptive
+                  num_sampled=1024, adaptive_cutoffs=(2000, 10000))
+    return dict(_SHARED, bidirectional=False,
+                pooling="mean" if model_name == "sentiment_net" else "last",  # last|mean|max|concat
+                dropout_output=0.3,
+                head_hidden=0)                 # 0 = one Dense; >0 = ULMFiT-style MLP head
+
+  def validate(self, config):
+    super().validate(config)
+    model_cfg = config.model
+    for key in ("embed_dim", "hidden_size", "num_layers"):
+      if model_cfg[key] < 1:
+        raise ConfigError(f"config.model.{key} must be >= 1, got {model_cfg[key]}")
+    choices = {"output": OUTPUTS} if model_cfg.name == "lstm_lm" else {"pooling": POOLINGS}
+    for key, allowed in choices.items():
+      if model_cfg[key] not in allowed:
+        raise ConfigError(f"config.model.{key}={model_cfg[key]!r} is not one of {', '.join(allowed)}")
+
+  def build(self, model_cfg, vocab_size):
+    from jaxlm.models import classifiers, lm
+    cfg = model_cfg
+    if cfg.name == "lstm_lm":
+      return lm.LSTMLanguageModel(
+          vocab_size=vocab_size, embed_dim=cfg.embed_dim, hidden_size=cfg.hidden_size,
+          num_layers=cfg.num_layers, dropout_embed=cfg.dropout_embed,
+          dropout_hidden=cfg.dropout_hidden, dropout_output=cfg.dropout_output,
+          tie_weights=cfg.tie_weights, output=cfg.output, num_sampled=cfg.num_sampled,
+          adaptive_cutoffs=tuple(cfg.adaptive_cutoffs))
+    cls = classifiers.LSTMClassifier if cfg.name == "lstm_classifier" else classifiers.SentimentNet
+    return cls(
+        vocab_size=vocab_size, embed_dim=cfg.embed_dim, hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_layers, num_outputs=1 if cfg.loss == "bce" else cfg.num_classes,
+        bidirectional=cfg.bidirectional, pooling=cfg.pooling, dropout_embed=cfg.dropout_embed,
+        dropout_hidden=cfg.dropout_hidden, dropout_output=cfg.dropout_output,
+        head_hidden=cfg.head_hidden)
+
+  def initial_carry(self, model_cfg, batch_size):
+    """All-zero LSTM state, a (c, h) pair per layer: the start of stream-mode LM training."""
+    zeros = jnp.zeros((batch_size, model_cfg.hidden_size), jnp.float32)
+    return tuple((zeros, zeros) for _ in range(model_cfg.num_layers))
+
+  def default_graft_map(self, source_cfg, target_cfg):
+    name = super().default_graft_map(source_cfg, target_cfg)
+    if name == "lm_to_classifier" and target_cfg.model.get("bidirectional", False):
+      return "lm_to_bidirectional"
+    return name
