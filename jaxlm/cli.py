@@ -3,6 +3,7 @@
     jaxlm quickstart [--workdir runs/quickstart]
     jaxlm pretrain   --config configs/imdb_lm.py --workdir DIR [--config.data.source=jsonl:DIR]
     jaxlm finetune   --config configs/imdb_sentiment_net.py --init-from LM_WORKDIR --workdir DIR
+    jaxlm compare    --config FILE --init-from LM_WORKDIR --workdir DIR [--strategies scratch,full,head,top_k=1,gradual]
     jaxlm evaluate   --workdir DIR [--split test]
     jaxlm predict    --workdir DIR [TEXT ...]        (one text per line on stdin without TEXT)
     jaxlm inspect    --config configs/x.py | --workdir DIR
@@ -15,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 
-COMMANDS = ("quickstart", "pretrain", "finetune", "evaluate", "predict", "inspect")
+COMMANDS = ("quickstart", "pretrain", "finetune", "compare", "evaluate", "predict", "inspect")
 USAGE = __doc__
 
 
@@ -29,7 +30,7 @@ def _define_flags(command: str, argv: list[str]):
 
   fv = flags.FlagValues()
   default_config = str(CONFIG_DIR / "quickstart.py") if command == "quickstart" else None
-  if command in ("quickstart", "pretrain", "finetune", "inspect"):
+  if command in ("quickstart", "pretrain", "finetune", "compare", "inspect"):
     config_flags.DEFINE_config_file("config", default_config, "Config file (get_config()).",
                                     flag_values=fv, sys_argv=argv)
   flags.DEFINE_string("workdir", "runs/quickstart" if command == "quickstart" else None,
@@ -37,6 +38,12 @@ def _define_flags(command: str, argv: list[str]):
   if command == "finetune":
     flags.DEFINE_string("init_from", None, "Workdir of a pretrained LM to graft from (omit: from scratch).",
                         flag_values=fv)
+  if command == "compare":
+    from jaxlm.compare import DEFAULT_STRATEGIES, FORMS
+    flags.DEFINE_string("init_from", None, "Workdir of the pretrained run every arm but scratch "
+                        "grafts from.", flag_values=fv)
+    flags.DEFINE_string("strategies", DEFAULT_STRATEGIES, f"Comma-separated arms, each trained in "
+                        f"WORKDIR/ARM: {FORMS}.", flag_values=fv)
   if command in ("evaluate", "predict"):
     if command == "evaluate":
       flags.DEFINE_string("split", "test", "Split of the run's data source to evaluate on.", flag_values=fv)
@@ -71,6 +78,10 @@ def _run(command: str, argv: list[str]) -> None:
   elif command == "finetune":
     commands.finetune(_required_config(flags, command), flags.workdir, init_from=flags.init_from,
                       progress=flags.progress)
+  elif command == "compare":
+    from jaxlm import compare
+    compare.compare(_required_config(flags, command), flags.workdir, init_from=flags.init_from,
+                    strategies=flags.strategies, progress=flags.progress)
   elif command == "evaluate":
     commands.evaluate(flags.workdir, split=flags.split, which=flags.which,
                       max_examples=flags.max_examples)

@@ -96,7 +96,7 @@ def train(config, workdir, *, kinds=("lm", "classifier"), init_params=None, graf
     task.tokenizer.save(workdir / "tokenizer")
     if report is not None:
       (workdir / "graft_report.txt").write_text(report.format() + "\n")
-      checkpoint.write_json_atomic(workdir / "graft_report.json", report.to_json())
+      checkpoint.write_json_atomic(workdir / "graft_report.json", report.to_dict())
       _log(report.format())
   state = devices.replicated(state)
 
@@ -216,7 +216,10 @@ def finetune(config, workdir, *, init_from=None, progress=True) -> dict:
     init_from = pathlib.Path(init_from)
     source_config = checkpoint.load_config(init_from)
     graft_map = _graft_map(source_config, config, init_from)
-    init_params = checkpoint.restore_params(init_from)
+    # A run that selects a best checkpoint (a pretrained classifier) grafts from it; an LM from
+    # its latest.
+    selects = tasks.TASKS[source_config.task].select_metric(source_config) is not None
+    init_params = checkpoint.restore_params(init_from, which="best" if selects else "latest")
     # The classifier must read text exactly as the pretrained model did: it reuses its tokenizer.
     tokenizer = tokenizers.load_tokenizer(init_from / "tokenizer")
   run = train(config, workdir, kinds=("classifier",), init_params=init_params,

@@ -183,6 +183,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"config.model.name={config.model.name!r} is a {family.models[config.model.name]} "
                       f"model, but config.task={config.task!r}")
   family.validate(config)
+  graft_map = (config.get("finetune") or {}).get("graft_map", "auto")
+  if graft_map != "auto":
+    family.graft_map(graft_map)  # raises, naming the family's maps
   for key in ("data.batch_size", "data.max_len", "train.num_epochs"):
     if _get(config, key) < 1:
       raise ConfigError(f"config.{key} must be >= 1, got {_get(config, key)}")

@@ -65,13 +65,15 @@ class GraftReport:
               f"{len(self.dropped)} dropped")
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], counts])
 
-  def to_json(self) -> str:
+  def to_dict(self) -> dict:
     def leaves(items):
       return [{"path": l.path, "shape": list(l.shape), "dtype": l.dtype} for l in items]
 
-    return json.dumps({"copied": leaves(self.copied), "initialised": leaves(self.initialised),
-                       "dropped": leaves(self.dropped), "sources": self.sources,
-                       "unmatched": self.unmatched}, indent=2)
+    return {"copied": leaves(self.copied), "initialised": leaves(self.initialised),
+            "dropped": leaves(self.dropped), "sources": self.sources, "unmatched": self.unmatched}
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2)
 
 
 def _hint(problems: list[tuple[str, str, str]], target_paths) -> str:
