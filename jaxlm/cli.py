@@ -4,7 +4,7 @@
     jaxlm pretrain   --config configs/imdb_lm.py --workdir DIR [--config.data.source=jsonl:DIR]
     jaxlm finetune   --config configs/imdb_sentiment_net.py --init-from LM_WORKDIR --workdir DIR
     jaxlm compare    --config FILE --init-from LM_WORKDIR --workdir DIR [--strategies scratch,full,head,top_k=1,gradual]
-    jaxlm evaluate   --workdir DIR [--split test]
+    jaxlm evaluate   --workdir DIR [--split test] [--which best|latest | --step N]
     jaxlm predict    --workdir DIR [TEXT ...]        (one text per line on stdin without TEXT)
     jaxlm inspect    --config configs/x.py | --workdir DIR
 
@@ -50,6 +50,11 @@ def _define_flags(command: str, argv: list[str]):
       flags.DEFINE_integer("max_examples", 0, "Evaluate on a seeded random subset of this many "
                            "examples (0 = the whole split).", lower_bound=0, flag_values=fv)
     flags.DEFINE_string("which", "best", "Checkpoint: best (by validation) or latest.", flag_values=fv)
+    flags.DEFINE_integer("step", None, "Checkpoint of this step instead of --which (a damaged one is "
+                         "an error, not replaced by an older step).", lower_bound=0, flag_values=fv)
+  if command in ("pretrain", "finetune"):
+    flags.DEFINE_bool("overwrite", False, "Start over: delete the workdir's previous run (its "
+                      "checkpoints, tokenizer, metrics) instead of resuming it.", flag_values=fv)
   flags.DEFINE_bool("progress", True, "Show progress bars.", flag_values=fv)
   return fv
 
@@ -74,20 +79,21 @@ def _run(command: str, argv: list[str]) -> None:
   if command == "quickstart":
     commands.quickstart(flags.config, flags.workdir, progress=flags.progress)
   elif command == "pretrain":
-    commands.pretrain(_required_config(flags, command), flags.workdir, progress=flags.progress)
+    commands.pretrain(_required_config(flags, command), flags.workdir, progress=flags.progress,
+                      overwrite=flags.overwrite)
   elif command == "finetune":
     commands.finetune(_required_config(flags, command), flags.workdir, init_from=flags.init_from,
-                      progress=flags.progress)
+                      progress=flags.progress, overwrite=flags.overwrite)
   elif command == "compare":
     from jaxlm import compare
     compare.compare(_required_config(flags, command), flags.workdir, init_from=flags.init_from,
                     strategies=flags.strategies, progress=flags.progress)
   elif command == "evaluate":
-    commands.evaluate(flags.workdir, split=flags.split, which=flags.which,
+    commands.evaluate(flags.workdir, split=flags.split, which=flags.which, step=flags.step,
                       max_examples=flags.max_examples)
   elif command == "predict":
     texts = rest or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    commands.predict(flags.workdir, texts, which=flags.which)
+    commands.predict(flags.workdir, texts, which=flags.which, step=flags.step)
   elif command == "inspect":
     config = flags.config if flags["config"].present else None
     commands.inspect(config, flags.workdir)
@@ -170,8 +176,14 @@ def main(argv: list[str] | None = None) -> int:
   try:
     _run(command, [f"jaxlm {command}"] + args)
   except JaxlmError as e:
-    print(f"jaxlm {command}: error: {e}", file=sys.stderr)
-    return 2
+    # Interrupted (jaxlm/train/signals.py) is not an error of the user's: it says where to resume
+    # and exits 128 + the signal, as shells and schedulers expect.
+    code = getattr(e, "exit_code", 2)
+    print(f"jaxlm {command}: {'error: ' if code == 2 else ''}{e}", file=sys.stderr)
+    return code
+  except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
+    print(f"jaxlm {command}: interrupted", file=sys.stderr)
+    return 130
   except Exception as e:  # absl flag errors: bad --config.key overrides, unknown flags
     from absl import flags as absl_flags
     if isinstance(e, absl_flags.Error):

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 
 from jaxlm import checkpoint, config as config_lib, graft, metrics, params as params_lib
-from jaxlm import batching, tasks, tokenizers
-from jaxlm.errors import CheckpointError, ConfigError, GraftError
+from jaxlm import batching, files, tasks, tokenizers
+from jaxlm.errors import ConfigError, GraftError
 from jaxlm.train import loop, steps, strategies
 
 
@@ -30,18 +30,47 @@ def _latest_step(workdir: pathlib.Path):
     return ckpt.latest_step()
 
 
-def _prepare(config, workdir: pathlib.Path, kinds: tuple[str, ...], tokenizer=None):
+# What a run writes in its workdir; `--overwrite` removes exactly these before starting over.
+RUN_FILES = ("checkpoints", "tokenizer", "config.json", "summary.json", "metrics.jsonl",
+             "metrics.png", "graft_report.txt", "graft_report.json")
+
+
+def _prepare(config, workdir: pathlib.Path, kinds: tuple[str, ...], tokenizer=None,
+             overwrite=False):
   """Validated config + task; the tokenizer is the workdir's when resuming, else `tokenizer` (the
-  pretrained model's, when grafting) or a new one trained on the train split."""
+  pretrained model's, when grafting) or a new one trained on the train split.
+
+  A workdir is one run: resuming with a config that differs in anything but the RESUMABLE_KEYS
+  (jaxlm/config.py) is refused, listing the changes, unless `overwrite` starts over. The test
+  split is read here too, so a bad one fails before training, not after it.
+  """
   config_lib.validate(config)
   if config.task not in kinds:
     raise ConfigError(f"config.task={config.task!r}, but this command trains a {' or '.join(kinds)}; "
                       f"use a config built on jaxlm.config.{kinds[0]}_config() (see configs/)")
-  resuming = _latest_step(workdir) is not None
+  resuming = _latest_step(workdir) is not None and not overwrite
   if resuming:
+    changes = config_lib.changed_keys(checkpoint.load_config(workdir), config)
+    if changes:
+      raise ConfigError(f"{workdir} holds a run with another config ({'; '.join(changes)}); "
+                        "resume with the same config, use another --workdir, or pass --overwrite "
+                        "to start over")
     tokenizer = tokenizers.load_tokenizer(workdir / "tokenizer")
   task = tasks.build_task(config, tokenizer)
+  tasks.read_split(config, config.data.test_split, labeled=task.kind.labeled,
+                   max_examples=config.data.test_max_examples)
   return task, resuming
+
+
+def _start_over(workdir: pathlib.Path) -> None:
+  """`--overwrite`: removes the previous run's files (and nothing else) from the workdir."""
+  import shutil
+  for name in RUN_FILES:
+    path = workdir / name
+    if path.is_dir():
+      shutil.rmtree(path)
+    elif path.exists():
+      path.unlink()
 
 
 def _total_steps(config, task) -> int:
@@ -50,13 +79,30 @@ def _total_steps(config, task) -> int:
 
 
 def train(config, workdir, *, kinds=("lm", "classifier"), init_params=None, graft_map=None,
-          tokenizer=None, progress=True) -> dict:
+          tokenizer=None, progress=True, overwrite=False) -> dict:
   """Shared by pretrain and finetune: build, (resume,) fit, evaluate the best or last state.
 
   `init_params` (grafted by `graft_map`, an assignment map) start a new run; a resumed run reads
-  its own checkpoint instead."""
+  its own checkpoint instead. The workdir is locked (jaxlm/files.py) from here until the caller
+  releases `run["lock"]`, after its test pass."""
   workdir = pathlib.Path(workdir)
-  task, resuming = _prepare(config, workdir, kinds, tokenizer)
+  task, resuming = _prepare(config, workdir, kinds, tokenizer, overwrite)
+  created = not workdir.exists()
+  lock = files.WorkdirLock(workdir, ConfigError).acquire()
+  try:
+    if overwrite:
+      _start_over(workdir)
+    run = _train_locked(config, workdir, task, resuming, init_params, graft_map, progress)
+  except BaseException:
+    lock.release()
+    if created and workdir.is_dir() and not any(workdir.iterdir()):
+      workdir.rmdir()  # a run that failed before writing anything leaves no workdir behind
+    raise
+  run["lock"] = lock
+  return run
+
+
+def _train_locked(config, workdir, task, resuming, init_params, graft_map, progress) -> dict:
   devices = loop.Devices.create(config.train.num_devices)
   devices.check_batch_size(config.data.batch_size, "data.batch_size")
   devices.check_batch_size(config.data.eval_batch_size, "data.eval_batch_size")
@@ -89,6 +135,7 @@ def train(config, workdir, *, kinds=("lm", "classifier"), init_params=None, graf
     if carry is not None:  # rows of the carried state go where the rows of the batches go
       carry = devices.shard_batch(carry)
     state = steps.TrainState(**restored)
+    checkpoint.save_config(workdir, config)  # the resumable keys it changed: what runs now
     _log(f"resuming {workdir} from step {int(state.step)} (epoch {meta.get('epoch', 0) + 1})")
   else:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -136,11 +183,9 @@ def train(config, workdir, *, kinds=("lm", "classifier"), init_params=None, graf
        f"{params_lib.count_params(_trainable(params, plan))} trainable, {task.info}, "
        f"{task.train_batches.num_batches_per_epoch} batches/epoch on {devices.count} "
        f"{jax.devices()[0].platform} device(s)")
-  t0 = time.perf_counter()
   state, result = loop.fit(config=config, state=state, batches=task.train_batches, hooks=hooks,
                            checkpointer=ckpt, writer=writer, devices=devices, meta=meta,
                            carry=carry, progress=progress)
-  result["train_seconds"] = time.perf_counter() - t0
   writer.plot(workdir / "metrics.png", ["loss", task.kind.plot_metric])
   ckpt.close()
   return {"task": task, "state": state, "result": result, "devices": devices,
@@ -158,22 +203,25 @@ def _restore_any_phase(ckpt, params, plan, optimizer, seed, carry=None):
 
   A gradual-unfreezing run stopped in epoch k saved the optimizer state of phase k (other groups,
   other Adam states), so the phase-0 template would not fit. Each phase's template is tried in
-  turn; a mismatch is detected from checkpoint metadata before any array is read.
+  turn; a mismatch is detected from checkpoint metadata before any array is read. A damaged latest
+  step falls back to the newest that loads, whichever phase wrote it (Checkpointer.restore_any).
   """
-  first_error = None
-  for epoch in range(plan.num_phases):  # epoch e < num_phases starts phase e
-    template = steps.create_state(params, optimizer(epoch), seed)
-    try:
-      return ckpt.restore(loop.state_dict(template, carry))
-    except CheckpointError as e:
-      first_error = first_error or e
-  raise first_error
+  templates = (loop.state_dict(steps.create_state(params, optimizer(epoch), seed), carry)
+               for epoch in range(plan.num_phases))  # epoch e < num_phases starts phase e
+  return ckpt.restore_any(templates)
 
 
-def pretrain(config, workdir, *, progress=True) -> dict:
+def pretrain(config, workdir, *, progress=True, overwrite=False) -> dict:
   """Train a model from scratch to graft from: seed 001's LSTM LM (test perplexity beside a
   unigram baseline) or seed 004's transformer as a topic classifier (test accuracy)."""
-  run = train(config, workdir, progress=progress)
+  run = train(config, workdir, progress=progress, overwrite=overwrite)
+  try:
+    return _pretrain_summary(config, run)
+  finally:
+    run["lock"].release()
+
+
+def _pretrain_summary(config, run) -> dict:
   if run["task"].kind.name == "classifier":
     return _classifier_summary(config, run, None, command="pretrain")
   task, devices = run["task"], run["devices"]
@@ -203,7 +251,7 @@ def lm_test_metrics(config, task, eval_step, params, devices) -> dict:
           "unigram_perplexity": unigram}
 
 
-def finetune(config, workdir, *, init_from=None, progress=True) -> dict:
+def finetune(config, workdir, *, init_from=None, progress=True, overwrite=False) -> dict:
   """Seeds 000/002/003/004: graft a pretrained run (optional), train with a freezing strategy,
   test the best state.
 
@@ -223,8 +271,11 @@ def finetune(config, workdir, *, init_from=None, progress=True) -> dict:
     # The classifier must read text exactly as the pretrained model did: it reuses its tokenizer.
     tokenizer = tokenizers.load_tokenizer(init_from / "tokenizer")
   run = train(config, workdir, kinds=("classifier",), init_params=init_params,
-              graft_map=graft_map, tokenizer=tokenizer, progress=progress)
-  return _classifier_summary(config, run, init_from)
+              graft_map=graft_map, tokenizer=tokenizer, progress=progress, overwrite=overwrite)
+  try:
+    return _classifier_summary(config, run, init_from)
+  finally:
+    run["lock"].release()
 
 
 def _graft_map(source_config, config, init_from):
@@ -277,7 +328,7 @@ def classifier_split_metrics(config, task, eval_step, params, devices, split) ->
   return out
 
 
-def _load_run(workdir, which):
+def _load_run(workdir, which, step=None):
   workdir = pathlib.Path(workdir)
   config = checkpoint.load_config(workdir)
   tokenizer = tokenizers.load_tokenizer(workdir / "tokenizer")
@@ -285,16 +336,18 @@ def _load_run(workdir, which):
   family = models.family_of(config.model.name)
   config.model = family.complete(config.model)
   model = family.build(config.model, tokenizer.vocab_size)
-  params = checkpoint.restore_params(workdir, which=which)
+  params = checkpoint.restore_params(workdir, step=step, which=which)
   return config, tokenizer, model, params
 
 
-def evaluate(workdir, *, split="test", which="best", max_examples=0) -> dict:
+def evaluate(workdir, *, split="test", which="best", max_examples=0, step=None) -> dict:
   """Accuracy, loss and confusion matrix (classifier) or perplexity (LM) from the workdir alone.
 
   `max_examples` > 0: a seeded random subset of the split (the same one for the same number).
+  `step`: that checkpoint instead of the `which` one; if it is damaged that is the error, where
+  `which` falls back to the newest step that loads.
   """
-  config, tokenizer, model, params = _load_run(workdir, which)
+  config, tokenizer, model, params = _load_run(workdir, which, step)
   kind = tasks.TASKS[config.task]
   out = kind.evaluate(config, tokenizer, model, params, loop.Devices.create(1), split,
                       max_examples=max_examples)
@@ -306,9 +359,9 @@ def evaluate(workdir, *, split="test", which="best", max_examples=0) -> dict:
   return out
 
 
-def predict(workdir, texts, *, which="best") -> list[dict]:
+def predict(workdir, texts, *, which="best", step=None) -> list[dict]:
   """Label and probability for each text, one JSON line each, from the workdir alone."""
-  config, tokenizer, model, params = _load_run(workdir, which)
+  config, tokenizer, model, params = _load_run(workdir, which, step)
   if config.task != "classifier":
     raise ConfigError(f"{workdir} holds a {config.task} run; predict needs a classifier workdir")
   texts = list(texts)

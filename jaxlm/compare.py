@@ -183,14 +183,15 @@ def _check_strategies(config, arms, configs) -> None:
 
 def _check_existing(sub: pathlib.Path, cfg, init_from) -> None:
   """An arm's workdir left by an earlier comparison must hold this arm's run: reusing (or resuming)
-  a run made with other settings would put it in the table as if it were this one."""
+  a run made with other settings would put it in the table as if it were this one. Only fields both
+  configs have count: a field added to jaxlm since the run was made is not a difference."""
   if (sub / "config.json").is_file():
     stored = _flat(json.loads((sub / "config.json").read_text()))
     wanted = _flat(json.loads(cfg.to_json_best_effort()))
-    for key in sorted(set(stored) | set(wanted)):
-      if stored.get(key) != wanted.get(key):
-        raise ConfigError(f"{sub} holds a run with config.{key}={stored.get(key)!r}, this comparison "
-                          f"has {wanted.get(key)!r}: use another --workdir or delete {sub}")
+    for key in sorted(set(stored) & set(wanted)):
+      if stored[key] != wanted[key]:
+        raise ConfigError(f"{sub} holds a run with config.{key}={stored[key]!r}, this comparison "
+                          f"has {wanted[key]!r}: use another --workdir or delete {sub}")
   if (sub / "summary.json").is_file():
     had = json.loads((sub / "summary.json").read_text()).get("init_from")
     want = str(init_from) if init_from is not None else None
@@ -287,7 +288,7 @@ def format_markdown(result: dict) -> str:
   if src:
     metric = (f"; test perplexity {src['test_perplexity']:.2f}" if "test_perplexity" in src else
               f"; test accuracy {src['test_accuracy']:.2%}" if "test_accuracy" in src else "")
-    source = f"`{result['init_from']}` ({src['model']}, a {src['task']} run{metric})"
+    source = f"`{result['init_from']}` ({src['model']}, {src['task']} run{metric})"
   else:
     source = "none (every arm from random init)"
   budget = f"{result['epochs']} epochs" + (f", at most {result['max_steps']} steps"
@@ -324,6 +325,7 @@ def _plot(result: dict, path: pathlib.Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for ax, key, title in ((axes[0], "loss", "validation loss"),
                          (axes[1], "accuracy", "validation accuracy")):
@@ -333,6 +335,8 @@ def _plot(result: dict, path: pathlib.Path) -> None:
         xs, ys = zip(*points)
         ax.plot(xs, ys, marker="o", label=arm["name"])
     ax.set_xlabel("epoch")
+    if all(isinstance(p["epoch"], int) for arm in result["arms"] for p in arm["curve"]):
+      ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_title(title)
     if ax.lines:
       ax.legend()

@@ -71,6 +71,9 @@ def _train() -> ml_collections.ConfigDict:
       max_to_keep=2,
       eval_max_batches=0,      # 0 = whole held-out split
       num_devices=0,           # data parallelism over this many devices; 0 = all visible
+      checkpoint_every_minutes=10.0,  # also save when this much time passed since the last save
+      on_nonfinite="stop",     # a non-finite loss/grad norm: stop (error) | skip (the batch)
+      max_nonfinite_batches=20,  # on_nonfinite=skip: stop after skipping more than this many
   ))
 
 
@@ -140,6 +143,7 @@ _CHOICES = {
     "data.lm_mode": ("review", "stream"),
     "optim.name": ("adam", "adamw", "sgd"),
     "optim.schedule": ("constant", "cosine", "stlr", "linear_warmup"),
+    "train.on_nonfinite": ("stop", "skip"),
 }
 
 
@@ -195,3 +199,43 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"config.data.test_max_examples must be >= 0 (0 = the whole test split), "
                       f"got {config.data.test_max_examples}")
   return config
+
+
+# Keys a resumed run may change: how long it runs, how often it evaluates, logs and saves, how it
+# evaluates and on how many devices. Anything else (a learning rate, a dropout, the vocabulary)
+# would silently make the rest of the run a different experiment.
+RESUMABLE_KEYS = (
+    "train.num_epochs", "train.max_steps", "train.eval_every_steps", "train.checkpoint_every_steps",
+    "train.checkpoint_every_minutes", "train.log_every_steps", "train.eval_max_batches",
+    "train.max_to_keep", "train.num_devices", "train.on_nonfinite", "train.max_nonfinite_batches",
+    "data.eval_batch_size", "data.test_split", "data.test_max_examples",
+)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def changed_keys(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list[str]:
+  """`key: old -> new` for every key of `config` that differs from the run's saved config.json,
+  ignoring RESUMABLE_KEYS. A key the saved config lacks (written before the key existed) counts
+  as its default."""
+  import json
+  new = _flat(json.loads(config.to_json_best_effort()))
+  old = _flat(json.loads(saved.to_json_best_effort()))
+  make = lm_config if config.get("task") == "lm" else classifier_config
+  defaults = _flat(json.loads(make(config.model.name).to_json_best_effort()))
+  changes = []
+  for key, value in new.items():
+    if key in RESUMABLE_KEYS:
+      continue
+    before = old.get(key, defaults.get(key))
+    if before != value:
+      changes.append(f"{key}: {before!r} -> {value!r}")
+  return changes

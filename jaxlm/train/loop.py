@@ -17,7 +17,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxlm import metrics as metrics_lib
-from jaxlm.errors import ConfigError
+from jaxlm.errors import ConfigError, JaxlmError
+from jaxlm.train import signals
+
+
+class DivergenceError(JaxlmError):
+  """Training met a non-finite loss or gradient norm (and was told to stop on it)."""
 
 
 @dataclasses.dataclass
@@ -71,6 +76,13 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
   `meta` is what the checkpoint restored (epoch, data position); None starts from scratch.
   `carry` is the stream-mode LSTM state the checkpoint restored: a run resumed mid-epoch goes on
   from it, as the uninterrupted run would (each epoch otherwise starts from `hooks.carry_init`).
+
+  Failure handling: a batch with a non-finite loss or gradient norm leaves the state untouched
+  (jaxlm/train/steps.py); with `train.on_nonfinite='stop'` the run stops at once with a
+  DivergenceError naming the step and batch, with `'skip'` it goes on and counts skipped batches
+  (up to `train.max_nonfinite_batches`). SIGINT/SIGTERM finish the current step, save, and raise
+  `signals.Interrupted`. Checkpoints are also written every `train.checkpoint_every_minutes`, so
+  a killed run loses at most that much work whatever its step cadence.
   """
   tcfg = config.train
   meta = dict(meta or {})
@@ -78,7 +90,15 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
     batches.set_state(meta["batches"])
   best = meta.get("best")
   last_eval: dict = meta.get("last_eval", {})
+  skipped = int(meta.get("skipped_batches", 0))
+  on_nonfinite = tcfg.get("on_nonfinite", "stop")
+  max_nonfinite = int(tcfg.get("max_nonfinite_batches", 20))
+  save_every_seconds = 60.0 * float(tcfg.get("checkpoint_every_minutes", 10.0) or 0.0)
   step = int(jax.device_get(state.step))
+  last_saved = {"step": step, "time": time.monotonic()}
+  # Wall-clock of training summed over every process that worked on the run (a resumed run
+  # reports the whole run's, not only its last leg's).
+  seconds_before, started = float(meta.get("train_seconds", 0.0)), time.monotonic()
   steps_per_epoch = batches.num_batches_per_epoch
 
   def due(every: int, epoch_done: bool) -> bool:  # every == 0: at the end of each epoch only
@@ -88,62 +108,105 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
 
   def save():
     record = {"epoch": batches.epoch, "batches": batches.get_state(), "last_eval": last_eval,
-              "best": best}
+              "best": best, "skipped_batches": skipped,
+              "train_seconds": seconds_before + time.monotonic() - started}
     # Rank a step for "best" only when it improved the selection metric, so ties (e.g. the extra
     # eval at a max_steps stop) never replace the earlier best: the checkpointer's best step and
     # `best["step"]` agree, and a resumed run selects exactly what an uninterrupted one does.
     improved = best is not None and best["step"] == step
     checkpointer.save(step, state_dict(state, carry), record,
                       metrics=last_eval if improved else None)
+    last_saved.update(step=step, time=time.monotonic())
 
-  while batches.epoch < tcfg.num_epochs and step < max_steps:
-    epoch = batches.epoch
-    train_step = hooks.train_step_for_epoch(epoch)
-    if hooks.on_state_for_epoch is not None:
-      state = hooks.on_state_for_epoch(epoch, state)
-    resumed_mid_epoch = carry is not None and batches.index > 0
-    if not resumed_mid_epoch:
-      carry = hooks.carry_init() if hooks.carry_init else None
-    total, tokens, t0 = None, 0.0, time.perf_counter()
-    bar = tqdm(total=steps_per_epoch, initial=batches.index, desc=f"epoch {epoch + 1}/{tcfg.num_epochs}",
-               disable=not progress, dynamic_ncols=True, mininterval=1.0)
-    for batch in batches.iter_epoch(epoch):
-      state, batch_metrics, carry = train_step(state, devices.shard_batch(batch), carry)
-      step += 1
-      epoch_done = batches.epoch != epoch
-      tokens += hooks.tokens_in(batch)
-      total = metrics_lib.accumulate(total, {k: v for k, v in batch_metrics.items() if k != "grad_norm"})
-      bar.update(1)
-      # Also at max_steps: a run stopped there must not drop its last, partial logging window.
-      if step % tcfg.log_every_steps == 0 or epoch_done or step >= max_steps:
-        summary = metrics_lib.summarize(total)
-        elapsed = time.perf_counter() - t0
-        summary.update(tokens_per_sec=tokens / max(elapsed, 1e-9),
-                       grad_norm=float(batch_metrics["grad_norm"]))
-        bar.set_postfix(_postfix(summary, last_eval), refresh=False)
-        writer.write({"step": step, "epoch": epoch + 1, "split": "train", **_scalars(summary)})
-        total, tokens, t0 = None, 0.0, time.perf_counter()
-      if due(tcfg.eval_every_steps, epoch_done):
-        last_eval = hooks.evaluate(state.params)
-        if last_eval:
-          writer.write({"step": step, "epoch": epoch + 1, "split": "valid", **_scalars(last_eval)})
-          bar.write(f"step {step}: valid " + ", ".join(f"{k} {v:.4g}" for k, v in _scalars(last_eval).items()
-                                                        if k != "count"))
-        if hooks.select_metric and last_eval:
-          # The better metric wins; a tie goes to the lower validation loss (small validation
-          # sets make accuracy ties common, and loss separates them).
-          value, loss = last_eval[hooks.select_metric], last_eval.get("loss", float("inf"))
-          sign = 1.0 if hooks.select_mode == "max" else -1.0
-          if best is None or (sign * value, -loss) > (sign * best["value"],
-                                                      -best.get("loss", float("inf"))):
-            best = {"value": value, "loss": loss, "step": step, "epoch": epoch + 1}
-      if due(tcfg.checkpoint_every_steps, epoch_done):
-        save()
-      if step >= max_steps:
-        break
-    bar.close()
+  def saved_note():
+    steps = checkpointer.all_steps()
+    return f"last checkpoint: step {steps[-1]}" if steps else "no checkpoint was written yet"
+
+  def diverged(batch_metrics, epoch, index):
+    return DivergenceError(
+        f"step {step}: non-finite loss or gradient norm (grad norm "
+        f"{float(batch_metrics['grad_norm']):.4g}) on batch {index + 1} of epoch {epoch + 1}; "
+        f"training stopped without applying it ({saved_note()}). "
+        "Lower config.optim.learning_rate (or raise optim.grad_clip), or set "
+        "config.train.on_nonfinite=skip to skip such batches")
+
+  with signals.StopRequest() as stop:
+    while batches.epoch < tcfg.num_epochs and step < max_steps:
+      epoch = batches.epoch
+      train_step = hooks.train_step_for_epoch(epoch)
+      if hooks.on_state_for_epoch is not None:
+        state = hooks.on_state_for_epoch(epoch, state)
+      resumed_mid_epoch = carry is not None and batches.index > 0
+      if not resumed_mid_epoch:
+        carry = hooks.carry_init() if hooks.carry_init else None
+      total, tokens, t0 = None, 0.0, time.perf_counter()
+      bar = tqdm(total=steps_per_epoch, initial=batches.index, desc=f"epoch {epoch + 1}/{tcfg.num_epochs}",
+                 disable=not progress, dynamic_ncols=True, mininterval=1.0)
+      for batch in batches.iter_epoch(epoch):
+        index = (batches.index - 1) % steps_per_epoch  # this batch's position in its epoch
+        state, batch_metrics, carry = train_step(state, devices.shard_batch(batch), carry)
+        step += 1
+        if float(batch_metrics["nonfinite"]):
+          skipped += 1
+          if on_nonfinite == "stop" or skipped > max_nonfinite:
+            bar.close()
+            checkpointer.wait_until_finished()
+            error = diverged(batch_metrics, epoch, index)
+            if on_nonfinite != "stop":
+              error = DivergenceError(f"{skipped} batches skipped for non-finite values (more than "
+                                      f"config.train.max_nonfinite_batches={max_nonfinite}); "
+                                      f"the last: {error}")
+            raise error
+          bar.write(f"step {step}: skipped batch {index + 1} of epoch {epoch + 1} (non-finite "
+                    f"loss or gradient norm; {skipped} skipped so far)")
+        epoch_done = batches.epoch != epoch
+        tokens += hooks.tokens_in(batch)
+        total = metrics_lib.accumulate(total, {k: v for k, v in batch_metrics.items()
+                                               if k not in ("grad_norm", "nonfinite")})
+        bar.update(1)
+        # Also at max_steps: a run stopped there must not drop its last, partial logging window.
+        if step % tcfg.log_every_steps == 0 or epoch_done or step >= max_steps:
+          summary = metrics_lib.summarize(total)
+          elapsed = time.perf_counter() - t0
+          summary.update(tokens_per_sec=tokens / max(elapsed, 1e-9),
+                         grad_norm=float(batch_metrics["grad_norm"]))
+          if skipped:
+            summary["skipped_batches"] = skipped
+          bar.set_postfix(_postfix(summary, last_eval), refresh=False)
+          writer.write({"step": step, "epoch": epoch + 1, "split": "train", **_scalars(summary)})
+          total, tokens, t0 = None, 0.0, time.perf_counter()
+        if due(tcfg.eval_every_steps, epoch_done):
+          last_eval = hooks.evaluate(state.params)
+          if last_eval:
+            writer.write({"step": step, "epoch": epoch + 1, "split": "valid", **_scalars(last_eval)})
+            bar.write(f"step {step}: valid " + ", ".join(f"{k} {v:.4g}" for k, v in _scalars(last_eval).items()
+                                                          if k != "count"))
+          if hooks.select_metric and last_eval:
+            # The better metric wins; a tie goes to the lower validation loss (small validation
+            # sets make accuracy ties common, and loss separates them).
+            value, loss = last_eval[hooks.select_metric], last_eval.get("loss", float("inf"))
+            sign = 1.0 if hooks.select_mode == "max" else -1.0
+            if best is None or (sign * value, -loss) > (sign * best["value"],
+                                                        -best.get("loss", float("inf"))):
+              best = {"value": value, "loss": loss, "step": step, "epoch": epoch + 1}
+        # A background save that failed (a full disk) stops the run here, not one interval later.
+        checkpointer.check_for_errors()
+        overdue = save_every_seconds > 0 and time.monotonic() - last_saved["time"] >= save_every_seconds
+        if due(tcfg.checkpoint_every_steps, epoch_done) or overdue or stop.signum:
+          save()
+        if stop.signum:
+          bar.close()
+          checkpointer.wait_until_finished()
+          raise signals.Interrupted(
+              f"stopped by {stop.name} at step {step} (epoch {epoch + 1}); checkpoint saved in "
+              f"{checkpointer.directory}; rerun the same command to resume", stop.signum)
+        if step >= max_steps:
+          break
+      bar.close()
   checkpointer.wait_until_finished()
-  return state, {"last_eval": last_eval, "best": best, "step": step, "epoch": batches.epoch}
+  return state, {"last_eval": last_eval, "best": best, "step": step, "epoch": batches.epoch,
+                 "skipped_batches": skipped,
+                 "train_seconds": seconds_before + time.monotonic() - started}
 
 
 def state_dict(state, carry: Any = None) -> dict:

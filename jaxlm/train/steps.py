@@ -89,7 +89,13 @@ def classifier_loss(model, loss_kind: str, num_classes: int) -> LossFn:
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, trainable_mask=None):
-  """Builds the jitted train step; `trainable_mask` (a bool pytree like params) freezes the rest."""
+  """Builds the jitted train step; `trainable_mask` (a bool pytree like params) freezes the rest.
+
+  A batch whose loss or gradient norm is not finite changes nothing: params and optimizer state
+  keep their values (a select, exact otherwise) and its metrics are zeros except `nonfinite` = 1,
+  so the state the loop may checkpoint is never poisoned. The loop decides whether that stops the
+  run or only skips the batch (`config.train.on_nonfinite`).
+  """
 
   def train_step(state: TrainState, batch, carry=None):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -100,11 +106,18 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, trainable
       loss_sum, metrics, new_carry = loss_fn(params, batch, carry, rng, True)
       return loss_sum / jnp.maximum(metrics["weight_sum"], 1.0), (metrics, new_carry)
 
-    grads, (metrics, new_carry) = jax.grad(objective, has_aux=True)(trainable)
+    (loss, (metrics, new_carry)), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
     grads = strategies.merge_params(grads, strategies.zeros_like_frozen(frozen))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+    metrics = jax.tree.map(lambda m: jnp.where(finite, m, jnp.zeros_like(m)), metrics)
+    metrics = dict(metrics, grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
+    if new_carry is not None and carry is not None:
+      new_carry = keep(new_carry, carry)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics, new_carry
 
   return jax.jit(train_step, donate_argnums=(0,))
