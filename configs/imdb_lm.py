@@ -1,7 +1,7 @@
 """Seed 001 on real IMDB: a word-level 2-layer LSTM LM on train + unsup review text.
 
     jaxlm pretrain --config configs/imdb_lm.py --workdir runs/imdb_lm \
-        --config.data.source=jsonl:../shared/data/imdb
+        --config.data.source=jsonl:PATH/imdb
 
 The test reviews are never trained on: they only measure perplexity (`jaxlm evaluate`).
 """

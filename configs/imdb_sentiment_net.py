@@ -2,7 +2,7 @@
 `configs/imdb_lm.py`, mean pooling over valid steps, one sigmoid output.
 
     jaxlm finetune --config configs/imdb_sentiment_net.py --init-from runs/imdb_lm \
-        --workdir runs/imdb_sentnet --config.data.source=jsonl:../shared/data/imdb
+        --workdir runs/imdb_sentnet --config.data.source=jsonl:PATH/imdb
 
 Model sizes must match the LM's (the graft checks and names any mismatch). Training follows the
 seed: every weight fine-tuned from the first step at one rate (GluonNLP: lr 5e-3, no freezing);

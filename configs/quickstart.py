@@ -35,9 +35,9 @@ def get_config(part=None):
                    dropout_output=0.2)
   clf.optim.update(learning_rate=2e-3, schedule="constant", grad_clip=1.0)
   clf.train.update(num_epochs=12, log_every_steps=10)
-  # 80 validation reviews: accuracy moves in 1.25-point steps and one lucky epoch can win (on the
-  # fourth session's machine, accuracy picked epoch 6 at 95.0% with loss 0.256 over epochs 9-11
-  # at 93.75% with loss 0.14-0.17); the validation loss is the steadier criterion at this size.
+  # 80 validation reviews: accuracy moves in 1.25-point steps and one lucky epoch can win (on
+  # 2026-11-30, 2 cores AMD EPYC, accuracy picked epoch 6 at 95.0% with loss 0.256 over epochs
+  # 9-11 at 93.75% with loss 0.14-0.17); the validation loss is the steadier criterion at this size.
   clf.finetune.update(strategy="full", discriminative_decay=1.0, select_metric="loss")
 
   if part == "pretrain":

@@ -2,7 +2,7 @@
 
 Why: a CPU train step frees and reallocates the same large buffers every step. By default glibc
 returns them to the OS (mmapped blocks, trimmed per-thread arenas), so the next step page-faults
-them in again: measured here (BENCHMARKS.md, fifth session), an IMDB LM step (configs/imdb_lm.py
+them in again (BENCHMARKS.md, 2026-11-30, 2 cores AMD EPYC): an IMDB LM step (configs/imdb_lm.py
 shapes) took 82-88k minor page faults and 567-586 ms with glibc's defaults, 0 faults and 487-524
 ms with these settings. It is the same as starting Python with `MALLOC_ARENA_MAX=1
 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge>`, but it must happen before the threads that

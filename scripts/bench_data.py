@@ -1,6 +1,6 @@
 """Benchmark of the input side: reading a source, training and applying the tokenizers, batching.
 
-    python scripts/bench_data.py --source jsonl:../shared/data/imdb [--split train]
+    python scripts/bench_data.py --source jsonl:PATH/imdb [--split train]
 
 Prints wall-clock seconds per stage (the issue's bar: tokenizing all 25,000 IMDB training reviews
 takes seconds, not minutes). A script, not a timed test: timings depend on the machine and load.

@@ -14,7 +14,7 @@ Source strings (`open_source(spec)`):
     labeled splits first, or pass `num_classes=` to `read` to validate against a known count).
   * `aclimdb:DIR` - the unpacked aclImdb_v1 folder: DIR/train/{neg,pos,unsup}/ID_RATING.txt and
     DIR/test/{neg,pos}/. Splits train, test, unsup; neg=0, pos=1, unsup=-1; records are ordered
-    neg then pos, each by numeric ID (the same order as the jsonl copy in /work/shared/data).
+    neg then pos, each by numeric ID (the same order as the JSON-lines copy RESULTS.md's runs read).
   * `csv:FILE` or `csv:DIR` - AG-News-style CSV rows `"class index","title","description"` (or
     `"class index","text"`), class index 1..K -> label 0..K-1; a header row is skipped. A FILE is
     one split named after its stem (`test.csv` -> `test`); a DIR holds {split}.csv files.
