@@ -4,6 +4,7 @@ Layout of a workdir (see docs/ARCHITECTURE.md):
 
   {workdir}/checkpoints/{step}/state   {'step', 'params', 'opt_state', 'rng'} (StandardSave)
   {workdir}/checkpoints/{step}/meta    JSON: data iterator state, epoch, metrics, ... (JsonSave)
+  {workdir}/checkpoints/{step}/jaxlm_checksums.json   size and sha256 of every file of the step
   {workdir}/config.json, summary.json  written atomically by `write_json_atomic`
   {workdir}/tokenizer/                 written by the tokenizer module
 
@@ -18,15 +19,32 @@ Atomicity is orbax's: a step is written into `{step}.orbax-checkpoint-tmp-*` and
 complete, and only renamed step directories count as steps, so an interrupted save never becomes
 the latest checkpoint. Restores are device-agnostic: arrays land on the shardings of the template
 (or on the default device), never on the device layout the checkpoint was saved from.
+
+Integrity is jaxlm's: orbax 0.12 verifies nothing it reads back (zarr data carries no checksum,
+so flipped bytes in a tensor file restore as garbage and a run "trains" on NaNs). Once a step is
+final on disk (after orbax renamed it: for async saves at the next save, wait or `check_for_errors`)
+the size and sha256 of each of its files go into `{step}/jaxlm_checksums.json`, and a restore
+hashes the files of the step it reads first. A step without that file (jaxlm 0.1, or a crash
+between the rename and the checksums) is read unverified. A damaged step, found by its checksums
+or by orbax failing to read it, is a warning line naming the step and the file; the newest step
+that loads is used instead, and a second line says which (a resumed run also moves the damaged
+newer steps aside, since their step numbers would block its saves). A step asked for by number is never replaced: its damage is
+the error. A save that fails (a full disk) is a CheckpointError at once, naming the path and the
+free space; the earlier steps stay on disk and load.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import pathlib
-from typing import Any
+import re
+import shutil
+import sys
+import time
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -34,12 +52,16 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxlm.files import atomic_write
-from jaxlm.errors import CheckpointError, ConfigError
+from jaxlm.files import atomic_write, strict_json
+from jaxlm.errors import CheckpointError, ConfigError, DamagedCheckpointError
 
 log = logging.getLogger(__name__)
 _WRITTEN_BY = "run `jaxlm pretrain` or `jaxlm finetune` with --workdir {workdir}"
 _MAX_LISTED = 20  # mismatching paths listed in one error message
+CHECKSUMS = "jaxlm_checksums.json"
+# What orbax and tensorstore raise on a missing, truncated or garbled file (tensorstore's status
+# errors are ValueErrors, JSON and UTF-8 decode errors too); anything else is a bug, not damage.
+_READ_ERRORS = (OSError, ValueError, KeyError, EOFError)
 
 
 class Checkpointer:
@@ -67,6 +89,9 @@ class Checkpointer:
         save_interval_steps=0 if read_only else 1,  # orbax warns about anything else
         create=not read_only,
         read_only=read_only,
+        # The partial files of a save that failed or was killed; the workdir lock (jaxlm/files.py)
+        # guarantees no other process is writing them.
+        cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=async_save,
         best_fn=score,  # used by `best_step`; retention is the policy below
         best_mode="max",
@@ -76,8 +101,10 @@ class Checkpointer:
                                           keep_checkpoints_without_metrics=False),
         ]),
     )
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          handler_registry=_handler_registry())
+    self.read_only, self._async = read_only, async_save
+    _quiet_orbax_echoes()
+    self._unsummed: list[int] = []  # saved steps whose checksums are not written yet
+    self._manager = _Manager(self.directory, options=options, handler_registry=_handler_registry())
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -95,9 +122,11 @@ class Checkpointer:
 
     A step at or before the latest one is skipped (orbax: returns False) unless `force`;
     forcing a step that already exists is an error. `metrics[best_metric]`, when present,
-    ranks this step for the best checkpoint.
+    ranks this step for the best checkpoint. A failed write, this one's or the previous
+    asynchronous save's, raises CheckpointError naming the path and the free space.
     """
     step = int(step)
+    self._finish_saves()  # the previous save's failure is this one's error, before writing more
     if force and step in self.all_steps():
       raise CheckpointError(f"checkpoint step {step} already exists in {self.directory}")
     best = None
@@ -107,7 +136,27 @@ class Checkpointer:
               "best_score": value if self.best_mode == "max" else -value}
     args = ocp.args.Composite(state=ocp.args.StandardSave(_to_storable(state)),
                               meta=ocp.args.JsonSave(_jsonable(meta or {}, "meta")))
-    return self._manager.save(step, args=args, metrics=best, force=force)
+    try:
+      saved = self._manager.save(step, args=args, metrics=best, force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      if not _is_write_error(e):
+        raise
+      raise self._save_failed(step, e) from None
+    if saved:
+      self._unsummed.append(step)
+      if not self._async:
+        self._finish_saves()
+    return saved
+
+  def check_for_errors(self) -> None:
+    """Raises the failure of a finished background save now; cheap enough to call every step.
+
+    Without it an asynchronous save that failed (a full disk) would surface only at the next
+    save, one more checkpoint interval of training that cannot be kept. A save still in
+    progress is not waited for.
+    """
+    if self._unsummed and not self._manager.is_saving_in_progress():
+      self._finish_saves()
 
   def restore(self, template: Any, step: int | None = None, *,
               which: str = "latest") -> tuple[Any, dict]:
@@ -117,57 +166,98 @@ class Checkpointer:
     the tree structure (optax namedtuples, masked/empty states) and where each array lands (its
     shardings; the default device for leaves without one). A checkpoint that does not fit it
     raises CheckpointError listing every mismatching path, instead of being cast or reshaped.
+    Without `step`, a damaged step is skipped for the next newest that loads (see the module
+    docstring); a damaged `step` raises DamagedCheckpointError naming the file.
     """
-    step = self._resolve_step(step, which)
-    target = jax.tree.map(_abstract_storable, template)
-    problems = _mismatches(target, self._stored_state(step))
-    if problems:
-      raise CheckpointError(
-          f"checkpoint {self.directory / str(step)} does not fit the model "
-          f"({len(problems)} mismatching paths):\n  " + "\n  ".join(_clip(problems)))
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-    state = jax.tree.map(_rewrap_key, template, restored["state"])
-    return state, restored["meta"] or {}
+    return self.restore_any([template], step, which=which)
+
+  def restore_any(self, templates: Iterable[Any], step: int | None = None, *,
+                  which: str = "latest") -> tuple[Any, dict]:
+    """`restore` with alternative templates, e.g. one optimizer state per training phase.
+
+    For each candidate step the first template that fits its stored tree is used; templates
+    are built lazily, only as far as needed, and each at most once. A step that none fits
+    raises the first template's mismatch error: a model that does not fit is a config to fix,
+    not damage to route around with an older step.
+    """
+    templates = _Memo(templates)
+
+    def read(step):
+      stored = self._stored_state(step)
+      problems = None
+      for template in templates:
+        target = jax.tree.map(_abstract_storable, template)
+        mismatches = _mismatches(target, stored)
+        if not mismatches:
+          break
+        problems = problems or mismatches
+      else:
+        raise CheckpointError(
+            f"checkpoint {self.directory / str(step)} does not fit the model "
+            f"({len(problems or [])} mismatching paths):\n  " + "\n  ".join(_clip(problems or [])))
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+      state = jax.tree.map(_rewrap_key, template, restored["state"])
+      return state, restored["meta"] or {}
+
+    return self._load(step, which, read, resuming=True)[1]
 
   def restore_params(self, step: int | None = None, *, which: str = "latest") -> Any:
     """Reads only `state/params` of a step, without knowing the optimizer that wrote it.
 
     The target tree comes from the checkpoint's own metadata; orbax's partial restore
     (`PyTreeRestore(partial_restore=True)`) then skips opt_state, step and rng. Arrays land on
-    the default device.
+    the default device. Damaged steps are handled as in `restore`.
     """
-    step = self._resolve_step(step, which)
-    stored = self._stored_state(step)
-    if "params" not in stored:
-      raise CheckpointError(f"checkpoint {self.directory / str(step)} has no 'params' "
-                            f"(found: {sorted(stored)})")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {"params": jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), stored["params"])}
-    restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))
-    params = restored["state"]["params"]
+    def read(step):
+      stored = self._stored_state(step)
+      if "params" not in stored:
+        raise CheckpointError(f"checkpoint {self.directory / str(step)} has no 'params' "
+                              f"(found: {sorted(stored)})")
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      target = {"params": jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), stored["params"])}
+      restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True)))
+      return restored["state"]["params"], stored
+
+    step, (params, stored) = self._load(step, which, read)
     log.info("restored params (%d arrays) from %s; not loaded: %s",
                  len(jax.tree.leaves(params)), self.directory / str(step),
                  ", ".join(sorted(k for k in stored if k != "params")))
     return params
 
   def wait_until_finished(self):
-    self._manager.wait_until_finished()
+    """Waits for an asynchronous save and writes its checksums; raises its failure."""
+    self._finish_saves()
 
   def close(self):
-    self._manager.close()
+    try:
+      self._finish_saves()
+    finally:
+      self._manager.close()
 
   def __enter__(self) -> "Checkpointer":
     return self
 
-  def __exit__(self, *exc):
-    self.close()
+  def __exit__(self, exc_type, *exc):
+    if exc_type is None:
+      self.close()
+      return
+    try:  # already failing: that error is the one to see, not a second one from closing
+      self.close()
+    except Exception:  # pylint: disable=broad-except
+      log.debug("closing %s after an error", self.directory, exc_info=True)
 
-  def _resolve_step(self, step: int | None, which: str) -> int:
-    self._manager.wait_until_finished()  # a step saved asynchronously is readable only now
+  # --- reading, with damaged steps skipped --------------------------------------------------
+
+  def _load(self, step: int | None, which: str, read: Callable[[int], Any], *,
+            resuming: bool = False) -> tuple[int, Any]:
+    """(step, read(step)) of `step`, or of the first of the `which` candidates that loads."""
+    if which not in ("latest", "best"):
+      raise ConfigError(f"which checkpoint: expected 'latest' or 'best', got {which!r}")
+    self._finish_saves()  # a step saved asynchronously is readable (and summed) only now
     steps = self.all_steps()
     if not steps:
       raise CheckpointError(f"no checkpoints in {self.directory}: "
@@ -176,22 +266,196 @@ class Checkpointer:
       if int(step) not in steps:
         raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; "
                               f"available steps: {steps}")
-      return int(step)
+      return int(step), self._read(int(step), read)  # asked for by number: damage is the error
+    damaged = []
+    for candidate in self._candidates(steps, which):
+      try:
+        out = self._read(candidate, read)
+      except DamagedCheckpointError as e:
+        log.warning("%s", e)
+        damaged.append(e)
+        continue
+      if damaged:
+        log.warning("using checkpoint step %d in %s instead: the newest that loads",
+                    candidate, self.directory)
+        if resuming and not self.read_only:
+          self._set_aside([e.step for e in damaged if e.step > candidate])
+      return candidate, out
+    raise CheckpointError(f"no checkpoint in {self.directory} loads (tried steps "
+                          f"{', '.join(str(e.step) for e in damaged)}): "
+                          + "; ".join(f"step {e.step}: {e.detail}" for e in damaged))
+
+  def _candidates(self, steps: list[int], which: str) -> list[int]:
+    newest_first = sorted(steps, reverse=True)
     if which == "latest":
-      return steps[-1]
-    if which == "best":
-      best = self.best_step()
-      if best is None:
-        log.warning("no checkpoint in %s carries a best metric; using the latest, step %d",
-                        self.directory, steps[-1])
-        return steps[-1]
-      return best
-    raise ConfigError(f"which checkpoint: expected 'latest' or 'best', got {which!r}")
+      return newest_first
+    best = self.best_step()
+    if best is None:
+      log.warning("no checkpoint in %s carries a best metric; using the latest, step %d",
+                  self.directory, newest_first[0])
+      return newest_first
+    return [best] + [s for s in newest_first if s != best]
+
+  def _read(self, step: int, read: Callable[[int], Any]) -> Any:
+    """read(step) after verifying the step's checksums; orbax's read errors become damage."""
+    self._verify(step)
+    try:
+      return read(step)
+    except _READ_ERRORS as e:
+      file = _file_in_error(e, self.directory / str(step))
+      raise self._damaged(step, f"{file + ' ' if file else ''}cannot be read "
+                                f"({type(e).__name__}: {_first_line(e)})") from None
+
+  def _verify(self, step: int) -> None:
+    """Compares the step's files with `{step}/jaxlm_checksums.json`, when the step has one."""
+    stepdir = self.directory / str(step)
+    listing = stepdir / CHECKSUMS
+    if not listing.exists():
+      # Saved by jaxlm 0.1 (or a crash before the checksums): unverified. Only this file's loss
+      # would go unnoticed by orbax (it reads the tree from the data instead, as a mismatch).
+      if (stepdir / "state").is_dir() and not (stepdir / "state" / "_METADATA").exists():
+        raise self._damaged(step, "state/_METADATA is missing")
+      return
+    try:
+      files = json.loads(listing.read_text(encoding="utf-8"))["files"]
+      expected = {rel: (int(v["size"]), str(v["sha256"])) for rel, v in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+      raise self._damaged(step, f"{CHECKSUMS} cannot be read ({type(e).__name__}: "
+                                f"{_first_line(e)})") from None
+    problems = []
+    for rel, (size, digest) in sorted(expected.items()):
+      path = stepdir / rel
+      try:
+        actual = path.stat().st_size
+      except FileNotFoundError:
+        problems.append(f"{rel} is missing")
+        continue
+      if actual != size:
+        problems.append(f"{rel} is {'truncated' if actual < size else 'longer than saved'} "
+                        f"({actual} bytes, {size} when saved)")
+      elif _sha256(path) != digest:
+        problems.append(f"{rel} does not match its sha256 from the save (changed on disk)")
+    if problems:
+      more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+      raise self._damaged(step, "; ".join(problems[:3]) + more)
+
+  def _damaged(self, step: int, detail: str) -> DamagedCheckpointError:
+    return DamagedCheckpointError(f"checkpoint step {step} in {self.directory} is damaged: "
+                                  f"{detail}", step=step, detail=detail)
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Renames damaged steps out of orbax's sight (`{step}.damaged-TIME`), kept for inspection:
+    a run resumed from an earlier step saves those step numbers again."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for step in steps:
+      source = self.directory / str(step)
+      target = self.directory / f"{step}.damaged-{stamp}"
+      try:
+        source.rename(target)
+      except OSError as e:
+        raise CheckpointError(f"cannot move the damaged checkpoint {source} aside ({e.strerror}); "
+                              "move or delete it, then rerun") from None
+      log.warning("moved the damaged checkpoint step %d to %s; delete it when no longer needed",
+                  step, target)
+    self._manager.reload()
 
   def _stored_state(self, step: int) -> Any:
     """The saved tree of `state` at `step` (ArrayMetadata leaves: shape, dtype)."""
-    metadata = self._manager.item_metadata(step)["state"]
+    try:
+      metadata = self._manager.item_metadata(step)["state"]
+    except _READ_ERRORS as e:
+      raise self._damaged(step, f"state/_METADATA cannot be read ({type(e).__name__}: "
+                                f"{_first_line(e)})") from None
+    if metadata is None:
+      raise self._damaged(step, "state/_METADATA is missing")
     return getattr(metadata, "tree", metadata)
+
+  # --- saving: completion, checksums, failures ----------------------------------------------
+
+  def _finish_saves(self) -> None:
+    """Waits for orbax to finish (rename) the saved steps, then writes their checksums."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      steps, self._unsummed = self._unsummed, []
+      if not _is_write_error(e):
+        raise
+      raise self._save_failed(steps[-1] if steps else None, e) from None
+    steps, self._unsummed = self._unsummed, []
+    for step in steps:
+      try:
+        self._write_checksums(step)
+      except OSError as e:
+        raise self._save_failed(step, e) from None
+
+  def _write_checksums(self, step: int) -> None:
+    stepdir = self.directory / str(step)
+    if not stepdir.is_dir():  # already removed by the retention policy
+      return
+    files = {}
+    for path in sorted(stepdir.rglob("*")):
+      rel = path.relative_to(stepdir).as_posix()
+      if path.is_file() and rel != CHECKSUMS and not path.name.startswith(f".{CHECKSUMS}."):
+        files[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    text = json.dumps({"algorithm": "sha256", "files": files}, indent=1, sort_keys=True) + "\n"
+    atomic_write(stepdir / CHECKSUMS, text.encode("utf-8"))
+
+  def _save_failed(self, step: int | None, error: BaseException) -> CheckpointError:
+    """The one-line error of a failed save (free space as the save met it), after removing its
+    partial files (they hold space on what is usually a full disk; what other threads still
+    write goes when the next writable Checkpointer opens) and re-reading the steps on disk."""
+    try:
+      free = _human_bytes(shutil.disk_usage(self.directory).free) + " free"
+    except OSError:
+      free = "free space unknown"
+    if step is not None:
+      for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+        shutil.rmtree(partial, ignore_errors=True)
+    try:
+      self._manager.reload()  # orbax already dropped the steps this save was to replace
+      intact = self.all_steps()
+    except Exception:  # pylint: disable=broad-except
+      intact = []
+    path = self.directory / str(step) if step is not None else self.directory
+    kept = (f"steps {', '.join(map(str, intact))} are intact; a rerun resumes from step "
+            f"{intact[-1]}" if intact else "no earlier checkpoint exists")
+    return CheckpointError(f"cannot write checkpoint {path}: {_os_reason(error)} ({free} on "
+                           f"{self.directory}); training stopped, {kept}")
+
+
+class _Manager(ocp.CheckpointManager):
+  """orbax's manager, except that a step whose best-metric file is damaged is merely unranked.
+
+  orbax reads every step's `metrics/metrics` when it opens a directory; one garbled file would
+  otherwise make every command on the workdir fail, whichever step it wants.
+  """
+
+  def metrics(self, step: int):
+    try:
+      return super().metrics(step)
+    except _READ_ERRORS as e:
+      log.warning("checkpoint step %d in %s: metrics/metrics cannot be read (%s: %s); the step "
+                  "is not ranked for the best checkpoint", step, self.directory,
+                  type(e).__name__, _first_line(e))
+      return None
+
+
+class _Memo:
+  """Iterates an iterable any number of times, drawing each item from it only once, on demand."""
+
+  def __init__(self, items: Iterable[Any]):
+    self._items, self._seen = iter(items), []
+
+  def __iter__(self):
+    i = 0
+    while True:
+      if i == len(self._seen):
+        try:
+          self._seen.append(next(self._items))
+        except StopIteration:
+          return
+      yield self._seen[i]
+      i += 1
 
 
 def restore_params(workdir: str | os.PathLike, step: int | None = None,
@@ -312,6 +576,115 @@ def _jsonable(obj: Any, what: str) -> Any:
       return np.asarray(x).tolist()
     raise TypeError(f"{type(x).__name__} is not JSON serializable")
   try:
-    return json.loads(json.dumps(obj, default=default, allow_nan=True))
+    # Non-finite floats become null: summaries and meta stay strict JSON (jaxlm/files.py).
+    return strict_json(json.loads(json.dumps(obj, default=default, allow_nan=True)))
   except (TypeError, ValueError) as e:
     raise CheckpointError(f"cannot write {what} as JSON: {e}") from None
+
+
+def _sha256(path: pathlib.Path) -> str:
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+  """An exception's message, one line, without tensorstore's long spec suffix."""
+  text = str(error).split(" [tensorstore_spec=")[0]
+  text = " ".join(text.split())
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _file_in_error(error: BaseException, stepdir: pathlib.Path) -> str | None:
+  """The step's file an orbax/tensorstore read error names (relative to the step), if any."""
+  paths = [getattr(error, "filename", None) or ""]
+  paths += re.findall(r'(?:local file|File) "?(/[^"\s]+?)"?(?:[:\s]|$)', str(error))
+  for path in reversed(paths):
+    try:
+      rel = pathlib.Path(path).relative_to(stepdir).as_posix()
+    except ValueError:
+      continue
+    if rel not in (".", "state", "meta") and not path.endswith("/"):
+      return rel
+  return None
+
+
+def _chain(error: BaseException):
+  """The error and its causes, contexts and (exception group) members."""
+  seen, todo = set(), [error]
+  while todo:
+    e = todo.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    yield e
+    todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+
+
+def _is_write_error(error: BaseException) -> bool:
+  """Whether a save failed for the file system (full disk, permissions, I/O), not for a bug.
+
+  Python raises OSError; tensorstore a ValueError whose message carries the OS error code."""
+  return any(isinstance(e, OSError) or "os_error_code=" in str(e) or
+             str(e).startswith("RESOURCE_EXHAUSTED") for e in _chain(error))
+
+
+def _os_reason(error: BaseException) -> str:
+  for e in _chain(error):
+    if isinstance(e, OSError) and e.errno:
+      return e.strerror or os.strerror(e.errno)
+  for e in _chain(error):
+    code = re.search(r"os_error_code='?(\d+)", str(e))
+    if code:
+      return os.strerror(int(code.group(1)))
+  return f"{type(error).__name__}: {_first_line(error)}"
+
+
+def _human_bytes(n: float) -> str:
+  for unit in ("bytes", "KB", "MB", "GB", "TB"):
+    if n < 1024 or unit == "TB":
+      return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+    n /= 1024
+
+
+_quieted = False
+
+
+def _quiet_orbax_echoes() -> None:
+  """Silences orbax's and tensorstore's echoes of a failed read or write, which jaxlm reports
+  itself, in one line (the CLI's contract).
+
+  orbax logs a failed background write at ERROR with a traceback from each of its threads; and
+  when one tensorstore operation fails, its abandoned siblings fail later, in other threads, as
+  "Future exception was never retrieved" (asyncio's logger) and "Event loop is closed" or
+  tensorstore status errors (unraisable exceptions): dozens of tracebacks restating one error.
+  Only those are dropped; installed once, by the first Checkpointer.
+  """
+  global _quieted
+  if _quieted:
+    return
+  _quieted = True
+
+  def orbax_echo(record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    text = record.getMessage()
+    io_failure = (error is not None and (_is_write_error(error) or _is_status_error(error))) or (
+        "os_error_code=" in text or "RESOURCE_EXHAUSTED" in text)
+    return not (io_failure and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+  logging.getLogger("absl").addFilter(orbax_echo)
+  logging.getLogger("asyncio").addFilter(
+      lambda record: "exception was never retrieved" not in record.getMessage())
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not ((isinstance(e, RuntimeError) and "Event loop is closed" in str(e))
+            or _is_status_error(e)):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+
+
+def _is_status_error(error: BaseException | None) -> bool:
+  """A tensorstore error: a ValueError whose message starts with an absl status code."""
+  return isinstance(error, ValueError) and re.match(r"[A-Z][A-Z_]+: ", str(error)) is not None

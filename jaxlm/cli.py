@@ -92,11 +92,31 @@ def _run(command: str, argv: list[str]) -> None:
     commands.evaluate(flags.workdir, split=flags.split, which=flags.which, step=flags.step,
                       max_examples=flags.max_examples)
   elif command == "predict":
-    texts = rest or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    texts = rest or _stdin_lines()
+    if hasattr(sys.stdout, "reconfigure"):  # a C/latin-1 locale must not fail on a CJK text
+      sys.stdout.reconfigure(encoding="utf-8")
     commands.predict(flags.workdir, texts, which=flags.which, step=flags.step)
   elif command == "inspect":
     config = flags.config if flags["config"].present else None
     commands.inspect(config, flags.workdir)
+
+
+def _stdin_lines() -> list[str]:
+  """Every line of stdin, blank ones included and in order, so output line i answers input line i.
+
+  Read as bytes and decoded as UTF-8 with U+FFFD for invalid bytes: a stray byte is neither fatal
+  nor echoed raw, whatever the locale. Lines end at "\\n" only (a CRLF's "\\r" is dropped): a lone
+  "\\r" (a line end to text-mode reading) or a form feed or U+2028 (to `splitlines`) stays inside
+  its line instead of shifting every answer after it.
+  """
+  if sys.stdin is None:  # started with stdin closed
+    return []
+  stream = getattr(sys.stdin, "buffer", None)
+  data = stream.read().decode("utf-8", "replace") if stream is not None else sys.stdin.read()
+  lines = data.split("\n")
+  if lines[-1] == "":  # the final newline ends the last line, it does not start another
+    lines.pop()
+  return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def _command_help(command: str) -> str:

@@ -359,12 +359,27 @@ def evaluate(workdir, *, split="test", which="best", max_examples=0, step=None) 
   return out
 
 
+# Line ends to `str.splitlines` and some JSON-lines readers, though JSON leaves them raw.
+_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def _json_line(obj) -> str:
+  """Strict JSON (NaN -> null) on one line that is valid UTF-8 even with ensure_ascii=False: a lone
+  surrogate (a str may hold one, UTF-8 cannot) becomes its JSON escape instead of crashing the
+  print, and Unicode line separators are escaped so that one answer is one line for any reader."""
+  line = json.dumps(files.strict_json(obj), ensure_ascii=False, allow_nan=False)
+  return line.encode("utf-8", "backslashreplace").decode("utf-8").translate(_LINE_BREAKS)
+
+
 def predict(workdir, texts, *, which="best", step=None) -> list[dict]:
-  """Label and probability for each text, one JSON line each, from the workdir alone."""
+  """Label and probability for each text, one JSON line each and in order (an empty text too),
+  from the workdir alone."""
   config, tokenizer, model, params = _load_run(workdir, which, step)
   if config.task != "classifier":
     raise ConfigError(f"{workdir} holds a {config.task} run; predict needs a classifier workdir")
   texts = list(texts)
+  if not texts:
+    return []
   ids = tokenizer.encode_batch(texts)
   # Same bucketed shapes as evaluation: one jitted forward per bucket, not one per text length.
   batches = batching.ClassificationBatches(
@@ -386,7 +401,7 @@ def predict(workdir, texts, *, which="best", step=None) -> list[dict]:
   for text, row in zip(texts, probs):
     label = int(np.argmax(row))
     out.append({"text": text, "label": label, "probability": float(row[label])})
-    print(json.dumps(out[-1], ensure_ascii=False), flush=True)
+    print(_json_line(out[-1]), flush=True)
   return out
 
 

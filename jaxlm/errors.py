@@ -25,3 +25,11 @@ class CheckpointError(JaxlmError):
 
 class GraftError(CheckpointError):
   """Pretrained weights that cannot be grafted into the target model (paths/shapes listed)."""
+
+
+class DamagedCheckpointError(CheckpointError):
+  """A checkpoint step whose files are missing, truncated or changed since they were saved."""
+
+  def __init__(self, message: str, step: int | None = None, detail: str = ""):
+    super().__init__(message)
+    self.step, self.detail = step, detail or message

@@ -7,6 +7,7 @@ sum(loss) / sum(weights), never a mean of per-batch means.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pathlib
@@ -15,6 +16,9 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from jaxlm import files
+from jaxlm.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 
 def perplexity(nll_sum: float, token_count: float) -> float:
@@ -70,28 +74,75 @@ class MetricsWriter:
   Appending keeps every earlier line intact when a run is resumed; each line is flushed as written,
   so an interrupted run loses at most the line being written. A resumed run first `rewind`s to its
   checkpoint's step: the lines an interrupted run wrote after that step are replayed, not doubled.
+
+  A crash mid-write leaves a last line without its newline: readers drop it (with a warning) and
+  the first write or `rewind` removes it from the file, so it neither blocks later runs nor glues
+  onto the next record. A garbled line anywhere else is not a crash's doing; it is an error naming
+  the file and line.
   """
 
   def __init__(self, workdir: str | os.PathLike, filename: str = "metrics.jsonl"):
     self.path = pathlib.Path(workdir) / filename
+    self._tail_checked = False
 
   def write(self, record: Mapping) -> None:
+    if not self._tail_checked:
+      self._drop_partial_tail()
     with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(_jsonable(record)) + "\n")
+      f.write(json.dumps(files.strict_json(_jsonable(record)), allow_nan=False) + "\n")
 
   def rewind(self, step: int) -> int:
-    """Drops the records after `step` (atomically); returns how many were dropped."""
-    records = self.read()
+    """Drops the records after `step` and a partial last line (atomically); returns how many
+    records were dropped."""
+    records, partial = self._read()
     keep = [r for r in records if r.get("step", 0) <= step]
-    if len(keep) < len(records):
+    if len(keep) < len(records) or partial:
       files.atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode("utf-8"))
+    self._tail_checked = True
     return len(records) - len(keep)
 
   def read(self) -> list[dict]:
+    """The records, in file order; a partial last line (an interrupted write) is left out."""
+    return self._read()[0]
+
+  def _read(self) -> tuple[list[dict], bool]:
+    """(records, whether a partial last line was dropped); CheckpointError for a garbled line."""
     if not self.path.exists():
-      return []
-    with open(self.path, encoding="utf-8") as f:
-      return [json.loads(line) for line in f if line.strip()]
+      return [], False
+    lines = self.path.read_bytes().split(b"\n")
+    # The text after the last newline is a whole record only if it parses: a crash can cut a
+    # line anywhere, even between a complete object and its newline.
+    tail, lines = lines[-1], lines[:-1]
+    records = []
+    for number, line in enumerate(lines, start=1):
+      if line.strip():
+        record = _parse_line(line)
+        if record is None:
+          raise CheckpointError(f"{self.path} line {number} is not a JSON object: "
+                                f"{line[:60].decode('utf-8', 'replace')!r}; fix or delete that line")
+        records.append(record)
+    if not tail.strip():
+      return records, False
+    record = _parse_line(tail)
+    if record is not None:
+      return records + [record], False
+    log.warning("%s: dropped the partial last line %d (an interrupted write): %r", self.path,
+                len(lines) + 1, tail[:60].decode("utf-8", "replace"))
+    return records, True
+
+  def _drop_partial_tail(self) -> None:
+    """Before the first append: a file not ending in a newline gets one (its last record is whole)
+    or loses its partial last line, so the next record starts on a line of its own."""
+    self._tail_checked = True
+    try:
+      with open(self.path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+          return
+    except (FileNotFoundError, OSError):  # no file yet, or an empty one
+      return
+    records, _ = self._read()
+    files.atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
 
   def plot(self, png_path: str | os.PathLike, keys: Iterable[str]) -> pathlib.Path | None:
     """One panel per metric key, train and eval curves over steps; returns the PNG path."""
@@ -122,6 +173,15 @@ class MetricsWriter:
     plt.close(fig)
     os.replace(tmp, png_path)
     return png_path
+
+
+def _parse_line(line: bytes) -> dict | None:
+  """The JSON object on one line of metrics.jsonl; None if it is not one."""
+  try:
+    record = json.loads(line.decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError):
+    return None
+  return record if isinstance(record, dict) else None
 
 
 def _jsonable(value):
