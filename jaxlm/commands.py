@@ -251,15 +251,20 @@ def lm_test_metrics(config, task, eval_step, params, devices) -> dict:
           "unigram_perplexity": unigram}
 
 
-def finetune(config, workdir, *, init_from=None, progress=True, overwrite=False) -> dict:
+def finetune(config, workdir, *, init_from=None, tokenizer_from=None, progress=True,
+             overwrite=False) -> dict:
   """Seeds 000/002/003/004: graft a pretrained run (optional), train with a freezing strategy,
   test the best state.
 
   The graft map is `config.finetune.graft_map`, or with `auto` the one the model's family picks
   for the source run (an LM into a classifier, a classifier into a classifier with a new head).
+  `tokenizer_from` (a workdir) reuses its tokenizer without its weights: a from-scratch control
+  that differs from the grafted run in nothing but the initialisation.
   """
   config_lib.validate(config)
   init_params = tokenizer = graft_map = None
+  if tokenizer_from is not None:
+    tokenizer = tokenizers.load_tokenizer(pathlib.Path(tokenizer_from) / "tokenizer")
   if init_from is not None:
     init_from = pathlib.Path(init_from)
     source_config = checkpoint.load_config(init_from)
@@ -273,7 +278,7 @@ def finetune(config, workdir, *, init_from=None, progress=True, overwrite=False)
   run = train(config, workdir, kinds=("classifier",), init_params=init_params,
               graft_map=graft_map, tokenizer=tokenizer, progress=progress, overwrite=overwrite)
   try:
-    return _classifier_summary(config, run, init_from)
+    return _classifier_summary(config, run, init_from, tokenizer_from=tokenizer_from)
   finally:
     run["lock"].release()
 
@@ -292,7 +297,7 @@ def _graft_map(source_config, config, init_from):
   return family.graft_map(name)
 
 
-def _classifier_summary(config, run, init_from, command="finetune") -> dict:
+def _classifier_summary(config, run, init_from, command="finetune", tokenizer_from=None) -> dict:
   workdir, task, devices = run["workdir"], run["task"], run["devices"]
   best = run["result"]["best"]
   params = run["state"].params
@@ -310,7 +315,9 @@ def _classifier_summary(config, run, init_from, command="finetune") -> dict:
              "trainable_parameters": params_lib.count_params(_trainable(params, plan)),
              "trainable_parameters_last_epoch": params_lib.count_params(
                  _trainable(params, plan, config.train.num_epochs - 1)),
-             "train_records": task.info["train_records"]}
+             "train_records": task.info["train_records"],
+             "tokenizer_from": str(tokenizer_from or init_from) if (tokenizer_from or init_from)
+                               else None}
   checkpoint.write_json_atomic(workdir / "summary.json", summary)
   _log(f"test accuracy {test['accuracy']:.4f} (majority class {test['majority_accuracy']:.4f}) "
        f"on {int(test['count']):,} examples; best valid {best}")

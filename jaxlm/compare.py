@@ -123,8 +123,9 @@ def compare(config, workdir, *, init_from, strategies=DEFAULT_STRATEGIES, progre
            "(delete it to rerun this arm)")
     else:
       _log(f"compare {i}/{len(arms)} {arm.name}: fine-tuning into {sub}")
+      # `scratch` reads text with the pretrained run's tokenizer: only the weights differ.
       commands.finetune(configs[arm.name], sub, init_from=init_from if arm.grafts else None,
-                        progress=progress)
+                        tokenizer_from=init_from, progress=progress)
     # Read back from disk, also for arms just trained: a rerun then reports exactly the same.
     summaries[arm.name] = json.loads((sub / "summary.json").read_text())
   result = _result(config, workdir, arms, summaries, init_from, source)
@@ -186,8 +187,8 @@ def _check_existing(sub: pathlib.Path, cfg, init_from) -> None:
   a run made with other settings would put it in the table as if it were this one. Only fields both
   configs have count: a field added to jaxlm since the run was made is not a difference."""
   if (sub / "config.json").is_file():
-    stored = _flat(json.loads((sub / "config.json").read_text()))
-    wanted = _flat(json.loads(cfg.to_json_best_effort()))
+    stored = config_lib.flat_keys(json.loads((sub / "config.json").read_text()))
+    wanted = config_lib.flat_keys(json.loads(cfg.to_json_best_effort()))
     for key in sorted(set(stored) & set(wanted)):
       if stored[key] != wanted[key]:
         raise ConfigError(f"{sub} holds a run with config.{key}={stored[key]!r}, this comparison "
@@ -200,13 +201,7 @@ def _check_existing(sub: pathlib.Path, cfg, init_from) -> None:
                         f"use another --workdir or delete {sub}")
 
 
-def _flat(tree, prefix="") -> dict:
-  if not isinstance(tree, dict):
-    return {prefix[:-1]: tree}
-  out = {}
-  for key, value in tree.items():
-    out.update(_flat(value, f"{prefix}{key}."))
-  return out
+
 
 
 # --- results ----------------------------------------------------------------------------------

@@ -212,11 +212,12 @@ RESUMABLE_KEYS = (
 )
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def flat_keys(tree: dict, prefix: str = "") -> dict:
+  """A nested config dict (as in config.json) -> `{'a.b.c': value}`, tuples as lists."""
   out = {}
   for key, value in tree.items():
     if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
+      out.update(flat_keys(value, f"{prefix}{key}."))
     else:
       out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
   return out
@@ -227,10 +228,10 @@ def changed_keys(saved: ml_collections.ConfigDict, config: ml_collections.Config
   ignoring RESUMABLE_KEYS. A key the saved config lacks (written before the key existed) counts
   as its default."""
   import json
-  new = _flat(json.loads(config.to_json_best_effort()))
-  old = _flat(json.loads(saved.to_json_best_effort()))
+  new = flat_keys(json.loads(config.to_json_best_effort()))
+  old = flat_keys(json.loads(saved.to_json_best_effort()))
   make = lm_config if config.get("task") == "lm" else classifier_config
-  defaults = _flat(json.loads(make(config.model.name).to_json_best_effort()))
+  defaults = flat_keys(json.loads(make(config.model.name).to_json_best_effort()))
   changes = []
   for key, value in new.items():
     if key in RESUMABLE_KEYS:

@@ -43,11 +43,15 @@ _BREAK_TAG = re.compile(r"<br\s*/?>", re.IGNORECASE)
 # non-space character (punctuation, quotes, symbols) is a token of its own, as in basic_english
 # (which, unlike this, cuts "don't" into "don ' t").
 _TOKEN = re.compile(r"\w+(?:['\u2019]\w+)*|[^\w\s]")
+# A lone surrogate is a valid Python str (JSON's "\ud800" escape decodes to one) but no UTF-8:
+# sentencepiece cannot take it and a vocabulary holding it cannot be saved.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def strip_markup(text: str) -> str:
-  """Replaces `<br />` line-break tags by spaces (both tokenizers see the same clean text)."""
-  return _BREAK_TAG.sub(" ", text)
+  """Replaces `<br />` line-break tags by spaces and lone surrogates by U+FFFD (both tokenizers
+  see the same clean text, which always encodes to UTF-8)."""
+  return _SURROGATE.sub("\ufffd", _BREAK_TAG.sub(" ", text))
 
 
 def _check_can_add(name: str, token_id: int | None) -> None:
@@ -193,7 +197,7 @@ class WordTokenizer(_Tokenizer):
 
 
 def _tokenize(text: str, lowercase: bool) -> list[str]:
-  text = _BREAK_TAG.sub(" ", text)
+  text = strip_markup(text)
   return _TOKEN.findall(text.lower() if lowercase else text)
 
 

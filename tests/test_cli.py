@@ -109,7 +109,9 @@ def test_predict_from_args_and_stdin(pipeline, capsys, monkeypatch):
   monkeypatch.setattr("sys.stdin", io.StringIO(texts[0] + "\n\n" + texts[1] + "\n"))
   code, out, err = run(capsys, "predict", "--workdir", pipeline["clf"])
   assert code == 0, err
-  assert _predictions(out) == from_args  # blank lines skipped, same model, same answers
+  from_stdin = _predictions(out)  # one answer per line, the blank one too, in order
+  assert [p["text"] for p in from_stdin] == [texts[0], "", texts[1]]
+  assert [from_stdin[0], from_stdin[2]] == from_args  # same model, same answers
 
 
 # --- bad input: exit 2, one line naming the problem, nothing written --------------------------
