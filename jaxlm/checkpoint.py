@@ -18,7 +18,10 @@ stored with each step as orbax metrics `{'best_metric', 'best_value', 'best_scor
 Atomicity is orbax's: a step is written into `{step}.orbax-checkpoint-tmp-*` and renamed once
 complete, and only renamed step directories count as steps, so an interrupted save never becomes
 the latest checkpoint. Restores are device-agnostic: arrays land on the shardings of the template
-(or on the default device), never on the device layout the checkpoint was saved from.
+(or on this process's first device), never on the device layout the checkpoint was saved from. In
+a multi-host run (jaxlm/distributed.py) every process calls the same methods: orbax coordinates
+each save (each process writes its shards, process 0 renames the step) and process 0 alone
+writes the checksums, once the step is final, and moves damaged steps aside.
 
 Integrity is jaxlm's: orbax 0.12 verifies nothing it reads back (zarr data carries no checksum,
 so flipped bytes in a tensor file restore as garbage and a run "trains" on NaNs). Once a step is
@@ -52,6 +55,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxlm import distributed
 from jaxlm.files import atomic_write, strict_json
 from jaxlm.errors import CheckpointError, ConfigError, DamagedCheckpointError
 
@@ -214,7 +218,7 @@ class Checkpointer:
       if "params" not in stored:
         raise CheckpointError(f"checkpoint {self.directory / str(step)} has no 'params' "
                               f"(found: {sorted(stored)})")
-      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       target = {"params": jax.tree.map(
           lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), stored["params"])}
       restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -347,6 +351,11 @@ class Checkpointer:
     """Renames damaged steps out of orbax's sight (`{step}.damaged-TIME`), kept for inspection:
     a run resumed from an earlier step saves those step numbers again."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    # Every process of a multi-host run found the same damage; process 0 moves the steps.
+    distributed.once(self._move_aside, steps, stamp)
+    self._manager.reload()
+
+  def _move_aside(self, steps: list[int], stamp: str) -> None:
     for step in steps:
       source = self.directory / str(step)
       target = self.directory / f"{step}.damaged-{stamp}"
@@ -357,7 +366,6 @@ class Checkpointer:
                               "move or delete it, then rerun") from None
       log.warning("moved the damaged checkpoint step %d to %s; delete it when no longer needed",
                   step, target)
-    self._manager.reload()
 
   def _stored_state(self, step: int) -> Any:
     """The saved tree of `state` at `step` (ArrayMetadata leaves: shape, dtype)."""
@@ -382,7 +390,9 @@ class Checkpointer:
         raise
       raise self._save_failed(steps[-1] if steps else None, e) from None
     steps, self._unsummed = self._unsummed, []
-    for step in steps:
+    # On process 0 the wait above includes orbax's coordinated finish of a multi-host save (every
+    # process wrote its shards, then process 0 renamed the step): only it sums the final files.
+    for step in steps if distributed.is_primary() else ():
       try:
         self._write_checksums(step)
       except OSError as e:
@@ -526,7 +536,8 @@ def _abstract_storable(x) -> jax.ShapeDtypeStruct:
   """Restore target of one template leaf: shape and dtype as stored, sharding as the template's."""
   if not hasattr(x, "dtype"):
     x = jnp.asarray(x)
-  sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  sharding = (getattr(x, "sharding", None)
+              or jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
   if _is_key(x):  # key data has trailing dims: the same sharding leaves them replicated
     x = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)

@@ -1,15 +1,18 @@
 """`jaxlm COMMAND`: the command line, thin over the library.
 
     jaxlm quickstart [--workdir runs/quickstart]
-    jaxlm pretrain   --config configs/imdb_lm.py --workdir DIR [--config.data.source=jsonl:DIR]
-    jaxlm finetune   --config configs/imdb_sentiment_net.py --init-from LM_WORKDIR --workdir DIR
+    jaxlm pretrain   --config imdb_lm --workdir DIR [--config.data.source=jsonl:DIR]
+    jaxlm finetune   --config imdb_sentiment_net --init-from LM_WORKDIR --workdir DIR
     jaxlm compare    --config FILE --init-from LM_WORKDIR --workdir DIR [--strategies scratch,full,head,top_k=1,gradual]
     jaxlm evaluate   --workdir DIR [--split test] [--which best|latest | --step N]
     jaxlm predict    --workdir DIR [TEXT ...]        (one text per line on stdin without TEXT)
-    jaxlm inspect    --config configs/x.py | --workdir DIR
+    jaxlm inspect    --config NAME|FILE | --workdir DIR
 
-Configs follow the ml_collections convention of the Flax examples: `--config FILE` plus
-`--config.key=value` overrides. Errors a user can cause print one line and exit with status 2.
+Configs follow the ml_collections convention of the Flax examples: `--config FILE[:part]` plus
+`--config.key=value` overrides; `--config NAME[:part]` names a config shipped with jaxlm
+(`imdb_lm`, `quickstart:pretrain`; jaxlm.config.get_config). `--distributed` (pretrain, finetune,
+compare) runs one process per host of a TPU pod slice or GPU cluster as one data-parallel run
+(README, "Multi-host"). Errors a user can cause print one line and exit with status 2.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import os
 import sys
 
 COMMANDS = ("quickstart", "pretrain", "finetune", "compare", "evaluate", "predict", "inspect")
+DISTRIBUTED_COMMANDS = ("pretrain", "finetune", "compare")
 USAGE = __doc__
 
 
@@ -24,15 +28,10 @@ def _define_flags(command: str, argv: list[str]):
   """Flags of one command on a fresh FlagValues, so `main` can run many times in one process
   (tests, notebooks); config_flags reads `--config.key=value` overrides from `argv`, not sys.argv."""
   from absl import flags
-  from ml_collections import config_flags
-
-  from jaxlm.config import CONFIG_DIR
 
   fv = flags.FlagValues()
-  default_config = str(CONFIG_DIR / "quickstart.py") if command == "quickstart" else None
   if command in ("quickstart", "pretrain", "finetune", "compare", "inspect"):
-    config_flags.DEFINE_config_file("config", default_config, "Config file (get_config()).",
-                                    flag_values=fv, sys_argv=argv)
+    _define_config_flag(fv, "quickstart" if command == "quickstart" else None, argv)
   flags.DEFINE_string("workdir", "runs/quickstart" if command == "quickstart" else None,
                       "Run directory: checkpoints, tokenizer, metrics, plots, summary.", flag_values=fv)
   if command == "finetune":
@@ -55,12 +54,23 @@ def _define_flags(command: str, argv: list[str]):
   if command in ("pretrain", "finetune"):
     flags.DEFINE_bool("overwrite", False, "Start over: delete the workdir's previous run (its "
                       "checkpoints, tokenizer, metrics) instead of resuming it.", flag_values=fv)
+  if command in DISTRIBUTED_COMMANDS:
+    flags.DEFINE_bool("distributed", False, "One process per host, all training one run: call "
+                      "jax.distributed.initialize first (also: JAXLM_DISTRIBUTED=1).",
+                      flag_values=fv)
+    flags.DEFINE_string("coordinator_address", None, "--distributed off TPU/SLURM/Open MPI: "
+                        "HOST:PORT of process 0 (else JAX_COORDINATOR_ADDRESS).", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "--distributed off TPU/SLURM/Open MPI: the number "
+                         "of processes (else JAX_NUM_PROCESSES).", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "--distributed off TPU/SLURM/Open MPI: this process's "
+                         "index, 0 on the coordinator (else JAX_PROCESS_ID).", lower_bound=0,
+                         flag_values=fv)
   flags.DEFINE_bool("progress", True, "Show progress bars.", flag_values=fv)
   return fv
 
 
 def _run(command: str, argv: list[str]) -> None:
-  from jaxlm import commands
+  from jaxlm import commands, distributed
   from jaxlm.errors import ConfigError
 
   flags = _define_flags(command, argv)
@@ -71,11 +81,12 @@ def _run(command: str, argv: list[str]) -> None:
     raise ConfigError(_unknown_key_message(e, argv)) from None
   except SyntaxError as e:  # in the --config file itself
     raise ConfigError(f"config file {e.filename} line {e.lineno}: {e.msg}") from None
-  if "config" in flags and flags["config"].present:
-    _load_config_or_fail(flags)
   needs_workdir = command != "inspect"
   if needs_workdir and not flags.workdir:
     raise ConfigError(f"jaxlm {command} needs --workdir DIR")
+  if command in DISTRIBUTED_COMMANDS and distributed.requested(flags.distributed):
+    # Before jax computes anything: the processes must agree on the devices first.
+    distributed.initialize(flags.coordinator_address, flags.num_processes, flags.process_id)
   if command == "quickstart":
     commands.quickstart(flags.config, flags.workdir, progress=flags.progress)
   elif command == "pretrain":
@@ -130,7 +141,8 @@ def _command_help(command: str) -> str:
     shown = "init-from" if name == "init_from" else name
     if flag.flag_type() == "bool":
       shown = f"[no]{shown}"
-    default = "" if flag.default is None else f" (default: {flag.default!r})"
+    given = getattr(flag, "default_unparsed", flag.default)  # --config: the name, not the config
+    default = "" if given is None else f" (default: {given!r})"
     lines.append(f"  --{shown}: {flag.help}{default}")
   if "config" in fv:
     lines.append("  --config.KEY=VALUE: override one config field (all fields and defaults: "
@@ -150,22 +162,48 @@ def _unknown_key_message(error, argv) -> str:
   return f"unknown config key in {offending}: {text}"
 
 
-def _load_config_or_fail(flags) -> None:
-  """config_flags loads `--config FILE` lazily and reports a missing or broken file as an OSError
-  at first use; load it now and turn that into one line naming the file."""
+def _define_config_flag(fv, default: str | None, argv: list[str]) -> None:
+  """`--config NAME|FILE[:part]` with `--config.key=value` overrides: ml_collections' config flag,
+  but loading through `jaxlm.config.get_config`, so a shipped config's name works from any folder
+  (a pip install has no configs/ to point a path at) and the CLI and Python code resolve names
+  alike. config_flags has no public hook for the loader; `_ConfigFlag` is what
+  `DEFINE_config_file` builds, here given another parser."""
+  from absl import flags
+  from ml_collections.config_flags import config_flags
+
+  from jaxlm import config as config_lib
   from jaxlm.errors import ConfigError
-  try:
-    flags.config.keys()  # a file that failed to load gives a proxy that raises on first use
-  except OSError as e:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    detail = next((line for line in lines if line.startswith("[Errno")), lines[-1] if lines else "")
-    raise ConfigError(f"cannot load --config {flags['config'].config_filename}: {detail}") from None
+
+  class Parser(flags.ArgumentParser):
+
+    def flag_type(self):
+      return "config object"
+
+    def parse(self, argument):
+      name, _, part = argument.partition(":")
+      try:
+        config = config_lib.get_config(name, part or None)
+      except ConfigError as e:
+        raise ConfigError(f"cannot load --config {e}") from None
+      except OSError as e:  # raised by the config file itself
+        raise ConfigError(f"cannot load --config {argument}: {e}") from None
+      config.lock()
+      return config
+
+  flag = config_flags._ConfigFlag(  # pylint: disable=protected-access
+      parser=Parser(), serializer=flags.ArgumentSerializer(), name="config",
+      default=default, flag_values=fv, sys_argv=argv,
+      help_string=f"A shipped config ({', '.join(config_lib.shipped_configs())}) or a config "
+                  "file, either with :part for one part of a multi-part config.")
+  flags.DEFINE_flag(flag, fv)
 
 
 def _required_config(flags, command):
   from jaxlm.errors import ConfigError
   if flags.config is None:
-    raise ConfigError(f"jaxlm {command} needs --config FILE (see configs/)")
+    from jaxlm.config import shipped_configs
+    raise ConfigError(f"jaxlm {command} needs --config NAME|FILE (shipped: "
+                      f"{', '.join(shipped_configs())})")
   return flags.config
 
 

@@ -14,13 +14,14 @@ import jax
 import numpy as np
 
 from jaxlm import checkpoint, config as config_lib, graft, metrics, params as params_lib
-from jaxlm import batching, files, tasks, tokenizers
+from jaxlm import batching, distributed, files, tasks, tokenizers
 from jaxlm.errors import ConfigError, GraftError
 from jaxlm.train import loop, steps, strategies
 
 
 def _log(msg: str) -> None:
-  print(msg, flush=True)
+  if distributed.is_primary():  # a multi-host run prints once (jaxlm/distributed.py)
+    print(msg, flush=True)
 
 
 def _latest_step(workdir: pathlib.Path):
@@ -88,14 +89,18 @@ def train(config, workdir, *, kinds=("lm", "classifier"), init_params=None, graf
   workdir = pathlib.Path(workdir)
   task, resuming = _prepare(config, workdir, kinds, tokenizer, overwrite)
   created = not workdir.exists()
-  lock = files.WorkdirLock(workdir, ConfigError).acquire()
+  # A multi-host run: every process has read the workdir before process 0, alone, locks and
+  # changes it (jaxlm/distributed.py).
+  distributed.barrier("jaxlm: prepared")
+  lock = files.WorkdirLock(workdir, ConfigError)
+  distributed.once(lock.acquire)
   try:
     if overwrite:
-      _start_over(workdir)
+      distributed.once(_start_over, workdir)
     run = _train_locked(config, workdir, task, resuming, init_params, graft_map, progress)
   except BaseException:
     lock.release()
-    if created and workdir.is_dir() and not any(workdir.iterdir()):
+    if created and distributed.is_primary() and workdir.is_dir() and not any(workdir.iterdir()):
       workdir.rmdir()  # a run that failed before writing anything leaves no workdir behind
     raise
   run["lock"] = lock
@@ -103,6 +108,9 @@ def train(config, workdir, *, kinds=("lm", "classifier"), init_params=None, graf
 
 
 def _train_locked(config, workdir, task, resuming, init_params, graft_map, progress) -> dict:
+  distributed.check_same({"batch": task.example_batch(),
+                          "batches": np.int64(task.train_batches.num_batches_per_epoch)},
+                         "the training batches (data or tokenizer)")
   devices = loop.Devices.create(config.train.num_devices)
   devices.check_batch_size(config.data.batch_size, "data.batch_size")
   devices.check_batch_size(config.data.eval_batch_size, "data.eval_batch_size")
@@ -135,16 +143,11 @@ def _train_locked(config, workdir, task, resuming, init_params, graft_map, progr
     if carry is not None:  # rows of the carried state go where the rows of the batches go
       carry = devices.shard_batch(carry)
     state = steps.TrainState(**restored)
-    checkpoint.save_config(workdir, config)  # the resumable keys it changed: what runs now
+    # The resumable keys it changed: what runs now.
+    distributed.once(checkpoint.save_config, workdir, config)
     _log(f"resuming {workdir} from step {int(state.step)} (epoch {meta.get('epoch', 0) + 1})")
   else:
-    workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint.save_config(workdir, config)
-    task.tokenizer.save(workdir / "tokenizer")
-    if report is not None:
-      (workdir / "graft_report.txt").write_text(report.format() + "\n")
-      checkpoint.write_json_atomic(workdir / "graft_report.json", report.to_dict())
-      _log(report.format())
+    distributed.once(_write_run_files, workdir, config, task.tokenizer, report)
   state = devices.replicated(state)
 
   train_steps = {}
@@ -192,6 +195,17 @@ def _train_locked(config, workdir, task, resuming, init_params, graft_map, progr
           "eval_step": eval_step, "workdir": workdir, "plan": plan}
 
 
+def _write_run_files(workdir, config, tokenizer, report) -> None:
+  """What a new run writes beside its checkpoints (process 0 of a multi-host run)."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  checkpoint.save_config(workdir, config)
+  tokenizer.save(workdir / "tokenizer")
+  if report is not None:
+    (workdir / "graft_report.txt").write_text(report.format() + "\n")
+    checkpoint.write_json_atomic(workdir / "graft_report.json", report.to_dict())
+    _log(report.format())
+
+
 def _trainable(params, plan, epoch: int = 0):
   """The leaves that train in `epoch` under `plan` (for parameter counts)."""
   mask = plan.trainable_mask(params, epoch)
@@ -230,7 +244,7 @@ def _pretrain_summary(config, run) -> dict:
              "valid": run["result"]["last_eval"], "steps": run["result"]["step"],
              "train_seconds": run["result"]["train_seconds"], "parameters":
              params_lib.count_params(run["state"].params), "vocab_size": task.tokenizer.vocab_size}
-  checkpoint.write_json_atomic(run["workdir"] / "summary.json", summary)
+  distributed.once(checkpoint.write_json_atomic, run["workdir"] / "summary.json", summary)
   _log(f"test perplexity {test['test_perplexity']:.2f} (unigram baseline "
        f"{test['unigram_perplexity']:.2f}) over {test['test_tokens']:,} tokens")
   return summary
@@ -301,8 +315,8 @@ def _classifier_summary(config, run, init_from, command="finetune", tokenizer_fr
   workdir, task, devices = run["workdir"], run["task"], run["devices"]
   best = run["result"]["best"]
   params = run["state"].params
-  if best is not None:
-    params = checkpoint.restore_params(workdir, which="best")
+  if best is not None:  # read onto this process's device: spread over the mesh again
+    params = devices.replicated(checkpoint.restore_params(workdir, which="best"))
   test = classifier_split_metrics(config, task, run["eval_step"], params, devices,
                                   config.data.test_split)
   plan = run["plan"]
@@ -318,7 +332,7 @@ def _classifier_summary(config, run, init_from, command="finetune", tokenizer_fr
              "train_records": task.info["train_records"],
              "tokenizer_from": str(tokenizer_from or init_from) if (tokenizer_from or init_from)
                                else None}
-  checkpoint.write_json_atomic(workdir / "summary.json", summary)
+  distributed.once(checkpoint.write_json_atomic, workdir / "summary.json", summary)
   _log(f"test accuracy {test['accuracy']:.4f} (majority class {test['majority_accuracy']:.4f}) "
        f"on {int(test['count']):,} examples; best valid {best}")
   return summary

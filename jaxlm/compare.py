@@ -22,7 +22,7 @@ import os
 import pathlib
 import statistics
 
-from jaxlm import checkpoint, commands, config as config_lib, files, metrics
+from jaxlm import checkpoint, commands, config as config_lib, distributed, files, metrics
 from jaxlm.errors import CheckpointError, ConfigError
 
 DEFAULT_STRATEGIES = "scratch,full,head,top_k=1"
@@ -126,19 +126,26 @@ def compare(config, workdir, *, init_from, strategies=DEFAULT_STRATEGIES, progre
       # `scratch` reads text with the pretrained run's tokenizer: only the weights differ.
       commands.finetune(configs[arm.name], sub, init_from=init_from if arm.grafts else None,
                         tokenizer_from=init_from, progress=progress)
+      distributed.barrier(f"jaxlm compare: {arm.name} done")  # its summary.json is on disk
     # Read back from disk, also for arms just trained: a rerun then reports exactly the same.
     summaries[arm.name] = json.loads((sub / "summary.json").read_text())
   result = _result(config, workdir, arms, summaries, init_from, source)
-  checkpoint.write_json_atomic(workdir / "compare.json", result)
   table = format_markdown(result)
-  files.atomic_write(workdir / "compare.md", table.encode("utf-8"))
-  _plot(result, workdir / "compare.png")
+  distributed.once(_write_results, workdir, result, table)
   _log(table)
   return result
 
 
+def _write_results(workdir: pathlib.Path, result: dict, table: str) -> None:
+  """compare.json, compare.md and compare.png (process 0 of a multi-host run)."""
+  checkpoint.write_json_atomic(workdir / "compare.json", result)
+  files.atomic_write(workdir / "compare.md", table.encode("utf-8"))
+  _plot(result, workdir / "compare.png")
+
+
 def _log(msg: str) -> None:
-  print(msg, flush=True)
+  if distributed.is_primary():
+    print(msg, flush=True)
 
 
 # --- checks before any training ---------------------------------------------------------------

@@ -7,14 +7,28 @@ in a key fails at once with the list of valid keys instead of being ignored.
 """
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.resources
 import importlib.util
+import inspect
 import pathlib
 
 import ml_collections
 
 from jaxlm.errors import ConfigError
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+def _config_dir():
+  """The shipped configs: `jaxlm/configs` in an installed package (a wheel maps the top-level
+  configs/ there, pyproject.toml), else configs/ of the checkout jaxlm is imported from (an
+  editable install), so that configs/ is the one copy and a wheel still carries it."""
+  packaged = importlib.resources.files(__package__) / "configs"
+  if packaged.is_dir():
+    return packaged
+  return pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()  # a pathlib.Path, or an importlib.resources Traversable (zipped install)
 
 
 def _data() -> ml_collections.ConfigDict:
@@ -122,17 +136,54 @@ def classifier_config(model: str = "sentiment_net") -> ml_collections.ConfigDict
   return config
 
 
-def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
-  """Loads `get_config()` from a config file, as ml_collections' --config flag does."""
+def shipped_configs() -> list[str]:
+  """Names of the configs that come with jaxlm (`imdb_lm`, `quickstart`, ...): `--config NAME`."""
+  return sorted(f.name[:-3] for f in CONFIG_DIR.iterdir()
+                if f.name.endswith(".py") and not f.name.startswith("_"))
+
+
+def get_config(name_or_path: str | pathlib.Path,
+               part: str | None = None) -> ml_collections.ConfigDict:
+  """The config `--config NAME_OR_PATH[:part]` means, for the CLI and Python code alike.
+
+  An existing file wins; otherwise a name (`imdb_lm`, with or without `.py`) is one of
+  `shipped_configs()`, read from the installed package, so a pip-installed jaxlm needs no checkout.
+  `part` picks one part of a multi-part config (`quickstart`: `pretrain` | `finetune`).
+  """
+  path = pathlib.Path(name_or_path)
+  if path.is_file():
+    return load_config_file(path, part)
+  name = path.name[:-3] if path.name.endswith(".py") else path.name
+  if str(name_or_path) in (name, path.name) and name in shipped_configs():
+    with importlib.resources.as_file(CONFIG_DIR / f"{name}.py") as shipped:
+      return load_config_file(shipped, part, label=name)
+  raise ConfigError(f"{name_or_path}: No such file, and no shipped config of that name (shipped: "
+                    f"{', '.join(shipped_configs())})")
+
+
+def load_config_file(path: str | pathlib.Path, part: str | None = None, *,
+                     label: str | None = None) -> ml_collections.ConfigDict:
+  """Loads `get_config()` (or `get_config(part)`) from a config file, as ml_collections' --config
+  flag does; a part the file does not have is an error naming the parts it has."""
   path = pathlib.Path(path)
+  label = label or str(path)
   if not path.is_file():
-    raise ConfigError(f"config file {path} does not exist")
-  spec = importlib.util.spec_from_file_location(f"jaxlm_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+    raise ConfigError(f"{label}: No such file")
+  # A SourceFileLoader, as ml_collections uses: a config file need not end in .py.
+  loader = importlib.machinery.SourceFileLoader(f"jaxlm_config_{path.stem}", str(path))
+  module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+  loader.exec_module(module)
   if not hasattr(module, "get_config"):
-    raise ConfigError(f"config file {path} defines no get_config()")
-  return module.get_config()
+    raise ConfigError(f"{label} defines no get_config()")
+  if part is None:
+    return module.get_config()
+  if not inspect.signature(module.get_config).parameters:
+    raise ConfigError(f"{label}:{part}: {label} has no parts")
+  config = module.get_config(part)
+  parts = [k for k, v in config.items() if isinstance(v, ml_collections.ConfigDict) and "task" in v]
+  if "task" not in config and parts:  # e.g. quickstart.py returns every part for an unknown one
+    raise ConfigError(f"{label}:{part}: no such part (parts: {', '.join(parts)})")
+  return config
 
 
 # Validation metrics that can select the best checkpoint, and which direction is better.

@@ -15,7 +15,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from jaxlm import files
+from jaxlm import distributed, files
 from jaxlm.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -79,13 +79,21 @@ class MetricsWriter:
   the first write or `rewind` removes it from the file, so it neither blocks later runs nor glues
   onto the next record. A garbled line anywhere else is not a crash's doing; it is an error naming
   the file and line.
+
+  In a multi-host run only process 0 writes (and plots); every process can read.
   """
 
   def __init__(self, workdir: str | os.PathLike, filename: str = "metrics.jsonl"):
     self.path = pathlib.Path(workdir) / filename
     self._tail_checked = False
 
+  @property
+  def _writes(self) -> bool:
+    return distributed.is_primary()
+
   def write(self, record: Mapping) -> None:
+    if not self._writes:
+      return
     if not self._tail_checked:
       self._drop_partial_tail()
     with open(self.path, "a", encoding="utf-8") as f:
@@ -94,6 +102,8 @@ class MetricsWriter:
   def rewind(self, step: int) -> int:
     """Drops the records after `step` and a partial last line (atomically); returns how many
     records were dropped."""
+    if not self._writes:
+      return 0
     records, partial = self._read()
     keep = [r for r in records if r.get("step", 0) <= step]
     if len(keep) < len(records) or partial:
@@ -146,6 +156,8 @@ class MetricsWriter:
 
   def plot(self, png_path: str | os.PathLike, keys: Iterable[str]) -> pathlib.Path | None:
     """One panel per metric key, train and eval curves over steps; returns the PNG path."""
+    if not self._writes:
+      return None
     records = self.read()
     keys = [k for k in keys if any(k in r for r in records)]
     if not keys:

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import cli, commands, config as config_lib, models
+from jaxlm import cli, commands, config as config_lib, models, tasks
 from jaxlm import params as params_lib
 from jaxlm.train import steps, strategies
 
@@ -70,17 +70,15 @@ def _abstract_batch(config):
 def test_config_init_and_train_step_shapes(name, config):
   config_lib.validate(config)
   vocab_size = commands._vocab_size_for(config)
-  model = models.build_model(config.model, vocab_size)
+  family = models.family_of(config.model.name)
+  model = family.build(config.model, vocab_size)
   batch = _abstract_batch(config)
   rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
-  if config.task == "lm":
-    init = lambda b: model.init(rngs, b["inputs"], b["targets"], b["lengths"])
-    loss_fn = steps.lm_loss(model)
-  else:
-    init = lambda b: model.init(rngs, b["tokens"], b["lengths"])
-    loss_fn = steps.classifier_loss(model, config.model.loss, config.model.num_classes)
+  init = lambda b: model.init(rngs, *family.init_args(config.task, b))
+  loss_fn = tasks.TASKS[config.task].loss(config, model)
   params = jax.eval_shape(init, batch)["params"]
-  assert params["embed"]["embedding"].shape == (vocab_size, config.model.embed_dim)
+  width = config.model.get("embed_dim", config.model.get("d_model"))
+  assert params["embed"]["embedding"].shape == (vocab_size, width)
 
   plan = strategies.make_strategy(config.get("finetune"), params, models.family_of(config.model.name))
   carry = None

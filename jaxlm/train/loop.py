@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxlm import metrics as metrics_lib
+from jaxlm import distributed, metrics as metrics_lib
 from jaxlm.errors import ConfigError, JaxlmError
 from jaxlm.train import signals
 
@@ -27,29 +27,33 @@ class DivergenceError(JaxlmError):
 
 @dataclasses.dataclass
 class Devices:
-  """Data parallelism over a 1-D mesh: params replicated, batches split along their first axis."""
+  """Data parallelism over a 1-D mesh: params replicated, batches split along their first axis.
+
+  The mesh spans the devices of every process of a multi-host run (jaxlm/distributed.py): each
+  process passes the same global batch and the same params, and transfers only what its own
+  devices hold.
+  """
   mesh: jax.sharding.Mesh
 
   @classmethod
   def create(cls, num_devices: int = 0) -> "Devices":
-    devices = jax.devices()
-    if num_devices:
-      if num_devices > len(devices):
-        raise ConfigError(f"config.train.num_devices={num_devices} but only {len(devices)} "
-                          f"{devices[0].platform} device(s) are visible")
-      devices = devices[:num_devices]
-    return cls(jax.sharding.Mesh(np.array(devices), ("data",)))
+    return cls(jax.sharding.Mesh(np.array(distributed.mesh_devices(num_devices)), ("data",)))
 
   @property
   def count(self) -> int:
     return self.mesh.devices.size
 
   def replicated(self, tree):
-    return jax.device_put(tree, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+    return self._put(tree, jax.sharding.PartitionSpec())
 
   def shard_batch(self, batch):
-    sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
-    return jax.device_put(batch, sharding)
+    return self._put(batch, jax.sharding.PartitionSpec("data"))
+
+  def _put(self, tree, spec):
+    sharding = jax.sharding.NamedSharding(self.mesh, spec)
+    if distributed.multiprocess():
+      return distributed.put(tree, sharding)
+    return jax.device_put(tree, sharding)
 
   def check_batch_size(self, batch_size: int, key: str) -> None:
     if batch_size % self.count:
@@ -100,6 +104,13 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
   # reports the whole run's, not only its last leg's).
   seconds_before, started = float(meta.get("train_seconds", 0.0)), time.monotonic()
   steps_per_epoch = batches.num_batches_per_epoch
+  # In a multi-host run only process 0 shows progress and prints (jaxlm/distributed.py).
+  primary = distributed.is_primary()
+  progress = progress and primary
+
+  def say(message: str) -> None:
+    if primary:
+      bar.write(message)
 
   def due(every: int, epoch_done: bool) -> bool:  # every == 0: at the end of each epoch only
     return epoch_done or step >= max_steps or (every > 0 and step % every == 0)
@@ -157,7 +168,7 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
                                       f"config.train.max_nonfinite_batches={max_nonfinite}); "
                                       f"the last: {error}")
             raise error
-          bar.write(f"step {step}: skipped batch {index + 1} of epoch {epoch + 1} (non-finite "
+          say(f"step {step}: skipped batch {index + 1} of epoch {epoch + 1} (non-finite "
                     f"loss or gradient norm; {skipped} skipped so far)")
         epoch_done = batches.epoch != epoch
         tokens += hooks.tokens_in(batch)
@@ -179,7 +190,7 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
           last_eval = hooks.evaluate(state.params)
           if last_eval:
             writer.write({"step": step, "epoch": epoch + 1, "split": "valid", **_scalars(last_eval)})
-            bar.write(f"step {step}: valid " + ", ".join(f"{k} {v:.4g}" for k, v in _scalars(last_eval).items()
+            say(f"step {step}: valid " + ", ".join(f"{k} {v:.4g}" for k, v in _scalars(last_eval).items()
                                                           if k != "count"))
           if hooks.select_metric and last_eval:
             # The better metric wins; a tie goes to the lower validation loss (small validation
@@ -192,9 +203,14 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
         # A background save that failed (a full disk) stops the run here, not one interval later.
         checkpointer.check_for_errors()
         overdue = save_every_seconds > 0 and time.monotonic() - last_saved["time"] >= save_every_seconds
-        if due(tcfg.checkpoint_every_steps, epoch_done) or overdue or stop.signum:
+        # Every process saves at the same steps (orbax's save is collective) and stops at the same
+        # step, whichever process's clock or signal asked for it.
+        overdue, signum = distributed.agree(overdue, stop.signum or 0)
+        if signum and not stop.signum:
+          stop.signum = signum
+        if due(tcfg.checkpoint_every_steps, epoch_done) or overdue or signum:
           save()
-        if stop.signum:
+        if signum:
           bar.close()
           checkpointer.wait_until_finished()
           raise signals.Interrupted(
