@@ -273,3 +273,81 @@ def test_sampled_softmax_training_nearly_matches_full_softmax():
     results[output] = float(np.mean([evaluate(params, x, y) for x, y in held_out]))
   assert results["full"] < unigram - 1.5  # the chain is learnable
   assert results["sampled"] < results["full"] + 0.25, results
+
+
+@pytest.mark.parametrize("output,extra,rows", [
+    ("full", {}, 8), ("full", {"tie_weights": True}, 8), ("sampled", {"num_sampled": 8}, 8),
+    ("adaptive", {"adaptive_cutoffs": (10, 25)}, 8),     # every tail chunk on its dense path
+    ("adaptive", {"adaptive_cutoffs": (10, 25)}, 64)],   # capacity < rows: gathered tails
+    ids=["full", "tied", "sampled", "adaptive_dense", "adaptive_gathered"])
+def test_chunked_exact_nll_equals_unchunked_in_value_and_gradient(output, extra, rows):
+  """The exact (eval) NLL runs over row chunks of the flattened hidden states; it must equal the
+  unchunked softmax, gradients included (the chunks are rematerialised under autodiff), with a
+  last chunk that is only partly filled and rows past their lengths."""
+  from jaxlm.models.lm import chunk_rows
+  inputs, targets = _batch(t=T + 1) if rows == 8 else (  # 27 rows; 24 x 25 = 600 rows
+      jnp.tile(a, (8, 1)) for a in _batch(t=25))
+  lengths = jnp.asarray([inputs.shape[1]] + [5] * (inputs.shape[0] - 1))
+  kind = dict(output=output, **extra)
+  reference = LSTMLanguageModel(V, E, H, 1, eval_chunk_bytes=0, **kind)
+  width = 15 if output == "adaptive" else V  # adaptive: max(head 10 + 2, tails 15 and 15)
+  chunked = LSTMLanguageModel(V, E, H, 1, eval_chunk_bytes=rows * 4 * width, **kind)
+  assert chunk_rows(chunked.eval_chunk_bytes, width, 10**6) == rows
+  assert inputs.size % rows != 0
+  params = _init(reference, inputs, targets)
+
+  def loss(model):
+    return lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, inputs, targets, lengths)[0]))
+
+  want, want_grad = jax.value_and_grad(loss(reference))(params)
+  got, got_grad = jax.jit(jax.value_and_grad(loss(chunked)))(params)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  nll_ref, _ = reference.apply({"params": params}, inputs, targets, lengths)
+  nll, _ = chunked.apply({"params": params}, inputs, targets, lengths)
+  np.testing.assert_allclose(nll, nll_ref, rtol=1e-5, atol=1e-6)
+  for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_eval_bounds_the_compiled_temporaries():
+  """What the chunks are for: the eval step's XLA temporaries no longer grow with [N, V]
+  (unchunked, the IMDB LM's eval step held 1.25 GB of logits; BENCHMARKS.md)."""
+  from jaxlm.models.lm import EVAL_CHUNK_BYTES, chunk_rows
+  assert chunk_rows(EVAL_CHUNK_BYTES, 20_004, 64 * 128) == 128  # the IMDB LM: 10 MB chunks
+  assert chunk_rows(0, 20_004, 64 * 128) == 64 * 128
+  vocab, rows = 4096, 8 * 64                                     # unchunked: 8 MB of logits
+  inputs = jnp.asarray(np.random.RandomState(0).randint(0, vocab, (8, 64)), jnp.int32)
+  temps = {}
+  for budget in (0, 2**18):
+    model = LSTMLanguageModel(vocab, 16, 16, 1, eval_chunk_bytes=budget)
+    params = _init(model, inputs, inputs)
+    nll = lambda p, model=model: jnp.sum(model.apply({"params": p}, inputs, inputs)[0])
+    temps[budget] = [jax.jit(f).lower(params).compile().memory_analysis().temp_size_in_bytes
+                     for f in (nll, jax.grad(nll))]
+  logits_bytes = 4 * rows * vocab
+  assert all(t >= logits_bytes for t in temps[0]), temps
+  assert all(t < logits_bytes / 4 for t in temps[2**18]), temps
+
+
+def test_adaptive_dense_fallback_chunks_are_exact(monkeypatch):
+  """The dense fallback of a tail (every row through it) also runs in row chunks, in training
+  too; chunked and whole must agree in value and gradient."""
+  from jaxlm.models import lm
+  rng = np.random.RandomState(0)
+  rows, hidden, dim, size = 100, 16, 4, 30
+  h = jnp.asarray(rng.randn(rows, hidden), jnp.float32)
+  weights = tuple(jnp.asarray(rng.randn(*s) * 0.3, jnp.float32)
+                  for s in ((hidden, dim), (dim, size), (size,)))
+  local = jnp.asarray(rng.randint(0, size, rows))
+  member = jnp.asarray(rng.rand(rows) < 0.5)
+
+  def loss(w, x):
+    return jnp.sum(jnp.sin(lm._dense_tail_term(w, x, local, member)))
+
+  want, want_grad = jax.value_and_grad(loss, (0, 1))(weights, h)
+  monkeypatch.setattr(lm, "EVAL_CHUNK_BYTES", 16 * 4 * size)  # 16-row chunks, a partial last one
+  assert lm.chunk_rows(lm.EVAL_CHUNK_BYTES, size, rows) == 16
+  got, got_grad = jax.jit(jax.value_and_grad(loss, (0, 1)))(weights, h)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)

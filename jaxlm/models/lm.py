@@ -13,6 +13,12 @@ to a 10k-25k vocabulary plus its softmax is ~75% of a step, BENCHMARKS.md). So:
   different, exactly normalised model, so train and eval NLL are both exact likelihoods.
   Each tail runs only on the rows whose target falls in it (see AdaptiveSoftmax.nll).
 
+The exact NLL of `deterministic=True` calls (evaluation, the test pass) runs over row chunks of
+the flattened [B*T, H] hidden states, at most `eval_chunk_bytes` (16 MB) of float32 logits at a
+time, for every output: a [B, T, V] softmax over a 20k vocabulary is 0.65 GB per buffer, and it
+set the process's peak memory (LSTMLanguageModel._exact_nll). Training steps are not chunked,
+except the adaptive output's rarely taken dense fallback (_dense_tail_term).
+
 Submodules: `embed` (nn.Embed), `encoder` (LSTMEncoder), `decoder`:
 - full/sampled, untied: `decoder/{kernel [H,V], bias [V]}` (nn.Dense's names and layout).
 - tied: `decoder/bias [V]` (+ `decoder/proj/kernel [H,E]` when hidden_size != embed_dim); the
@@ -95,6 +101,11 @@ class SoftmaxDecoder(nn.Module):
         h = self.proj(h)
       return h, None, embedding
     return h, self.kernel, None
+
+  @property
+  def logits_width(self) -> int:
+    """Widest logits row `nll` builds at evaluation (the chunk size is derived from it)."""
+    return self.vocab_size
 
   def logits(self, h: Array, embedding: Optional[Array] = None) -> Array:
     h, w, emb = self._features_and_weights(h, embedding)
@@ -189,6 +200,12 @@ class AdaptiveSoftmax(nn.Module):
               bounds[i + 1] - bounds[i], self.param_dtype)
         for i in range(len(cuts))]
 
+  @property
+  def logits_width(self) -> int:
+    """Widest logits row `nll` builds: the head, or a tail on its dense path."""
+    bounds = list(self.cutoffs) + [self.vocab_size]
+    return max([bounds[0] + len(self.cutoffs)] + [b - a for a, b in zip(bounds, bounds[1:])])
+
   def log_probs(self, h: Array) -> Array:
     """Full-vocabulary log-probabilities [..., V] (they sum to 1 in probability)."""
     c0 = self.cutoffs[0]
@@ -260,7 +277,18 @@ def _tail_nll(logits, local):
 
 
 def _dense_tail_term(weights, h, local, member):
-  return jnp.where(member, _tail_nll(_tail_logits(weights, h), local), 0.0)
+  """The tail term of every row, in row chunks of <= EVAL_CHUNK_BYTES logits.
+
+  Why chunks, in training too: XLA sizes a step's temporaries for both branches of the
+  `lax.cond` in AdaptiveSoftmax.nll, so this rarely taken fallback's [N, cluster] logits and
+  their gradient (0.8 GB for the IMDB LM's 12k-word tail) were held by every adaptive train step.
+  The branch is rematerialised anyway, so per-chunk remat only repeats its forward pass.
+  """
+  rows = chunk_rows(EVAL_CHUNK_BYTES, weights[1].shape[-1], h.shape[0])
+  chunk_nll = lambda h_chunk, local_chunk: _tail_nll(_tail_logits(weights, h_chunk), local_chunk)
+  if rows < h.shape[0]:
+    return jnp.where(member, map_row_chunks(jax.checkpoint(chunk_nll), rows, h, local), 0.0)
+  return jnp.where(member, chunk_nll(h, local), 0.0)
 
 
 def _gathered_tail_term(weights, h, local, member, *, capacity):
@@ -277,6 +305,34 @@ def _tail_capacity(num_rows: int, lo: int, hi: int, vocab_size: int) -> int:
   return min(num_rows, int(math.ceil(1.5 * share * num_rows)) + 16)
 
 
+# Float32 logits an exact (evaluation) NLL holds at once; LSTMLanguageModel.eval_chunk_bytes.
+EVAL_CHUNK_BYTES = 16 * 2**20
+
+
+def chunk_rows(budget_bytes: int, width: int, num_rows: int) -> int:
+  """Rows per chunk: the largest power of two (at least 8) whose float32 [rows, width] logits fit
+  `budget_bytes`, at most `num_rows`; `num_rows` (one chunk) when the budget is 0."""
+  if budget_bytes <= 0:
+    return num_rows
+  fit = max(1, budget_bytes // (4 * max(1, width)))
+  return min(num_rows, max(8, 1 << (fit.bit_length() - 1)))
+
+
+def map_row_chunks(fn, rows: int, h: Array, targets: Array) -> Array:
+  """`fn(h_chunk [rows, D], targets_chunk [rows]) -> [rows]` over consecutive row chunks, one at a
+  time (lax.map), concatenated to [N]. The last chunk is padded with zero rows (target id 0) and
+  their results dropped, so any N works."""
+  n = h.shape[0]
+  num_chunks = -(-n // rows)
+  pad = num_chunks * rows - n
+  if pad:
+    h = jnp.concatenate([h, jnp.zeros((pad,) + h.shape[1:], h.dtype)])
+    targets = jnp.concatenate([targets, jnp.zeros((pad,), targets.dtype)])
+  out = jax.lax.map(lambda args: fn(*args),
+                    (h.reshape(num_chunks, rows, -1), targets.reshape(num_chunks, rows)))
+  return out.reshape(-1)[:n]
+
+
 class LSTMLanguageModel(nn.Module):
   """Embedding -> LSTMEncoder -> output layer; returns per-token NLL.
 
@@ -284,7 +340,8 @@ class LSTMLanguageModel(nn.Module):
   -> `(nll [B,T] float32, final_state)`. With `lengths`, nll is 0 past each row's length and the
   final state is the state at the last real step. `method='logits'` (same arguments minus
   targets) -> `(logits [B,T,V] float32, final_state)`; for the adaptive output these are
-  normalised log-probabilities.
+  normalised log-probabilities (that method does build all of them).
+  `eval_chunk_bytes`: the logits a deterministic NLL holds at once (0: one unchunked softmax).
   """
   vocab_size: int
   embed_dim: int = 400
@@ -304,6 +361,7 @@ class LSTMLanguageModel(nn.Module):
   impl: str = "fused"
   dtype: Any = None
   param_dtype: Any = jnp.float32
+  eval_chunk_bytes: int = EVAL_CHUNK_BYTES
 
   def setup(self):
     if self.output not in OUTPUTS:
@@ -347,13 +405,41 @@ class LSTMLanguageModel(nn.Module):
     h, state = self._hidden(inputs, lengths, deterministic, initial_state)
     # The output layer works on [B*T, H]: XLA:CPU runs some 3-D dots (e.g. a [B,T,16] x [16,V]
     # adaptive tail) ~10x slower than the same 2-D matmul.
-    nll = self.decoder.nll(h.reshape(-1, h.shape[-1]), targets.reshape(-1), self._embedding(),
-                           deterministic=deterministic)
+    h, flat_targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    if deterministic:
+      nll = self._exact_nll(h, flat_targets)
+    else:
+      # Training is not chunked: under autodiff a chunk's logits must be recomputed in the
+      # backward pass (one more [N, H] x [H, V] matmul per step, ~1/3 of a full-softmax output
+      # layer's cost), and the sampled output's largest buffer is only [N, K].
+      nll = self.decoder.nll(h, flat_targets, self._embedding(), deterministic=False)
     nll = nll.reshape(targets.shape).astype(jnp.float32)
     if lengths is not None:
       valid = jnp.arange(inputs.shape[1])[None, :] < jnp.asarray(lengths)[:, None]
       nll = jnp.where(valid, nll, 0.0)
     return nll, state
+
+  def _exact_nll(self, h: Array, targets: Array) -> Array:
+    """The exact (evaluation) NLL of `h [N, H]`, in row chunks of <= `eval_chunk_bytes` logits.
+
+    Why chunks: at the IMDB LM's shapes (N = 64 x 128 rows, a 20k vocabulary) the unchunked
+    softmax builds two [N, V] float32 buffers, 1.25 GB of the eval step's 1.3 GB of temporaries
+    (XLA's compiled memory analysis), and with the CLI's allocator (jaxlm/malloc.py) a process
+    never returns them. Chunked it is ~10 MB of logits at a time, the same numbers (each row's
+    NLL is computed from that row alone) and about the same speed (BENCHMARKS.md).
+    """
+    embedding = self._embedding()
+    rows = chunk_rows(self.eval_chunk_bytes, self.decoder.logits_width, h.shape[0])
+    if rows >= h.shape[0] or self.is_initializing():
+      return self.decoder.nll(h, targets, embedding)
+    decoder, params = self.decoder.clone(parent=None), self.decoder.variables["params"]
+
+    def chunk_nll(h_chunk, targets_chunk):
+      return decoder.apply({"params": params}, h_chunk, targets_chunk, embedding, method="nll")
+
+    # Rematerialised: differentiated (tests, a user's jax.grad of an eval-mode call), lax.map
+    # would stack every chunk's softmax residuals, i.e. the whole [N, V] again.
+    return map_row_chunks(jax.checkpoint(chunk_nll), rows, h, targets)
 
   def logits(self, inputs: Array, lengths: Optional[Array] = None, *,
              deterministic: bool = True, initial_state=None) -> Tuple[Array, Any]:
