@@ -293,7 +293,7 @@ def format_markdown(result: dict) -> str:
     source = f"`{result['init_from']}` ({src['model']}, {src['task']} run{metric})"
   else:
     source = "none (every arm from random init)"
-  budget = f"{result['epochs']} epochs" + (f", at most {result['max_steps']} steps"
+  budget = f"{result['epochs']} epoch{'' if result['epochs'] == 1 else 's'}" + (f", at most {result['max_steps']} steps"
                                            if result["max_steps"] else "")
   lines = [
       f"# jaxlm compare: {result['model']}", "",
