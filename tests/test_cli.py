@@ -11,6 +11,7 @@ import pathlib
 import pytest
 
 from jaxlm import cli
+from cli_helpers import run
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 SOURCE = "synthetic:train=80,test=40,unsup=160"
@@ -29,14 +30,6 @@ LM_ARGS = ["--config", f"{CONFIGS}/quickstart.py:pretrain", *tiny(), "--config.t
            "--config.data.test_max_examples=30", "--noprogress"]
 CLF_ARGS = ["--config", f"{CONFIGS}/quickstart.py:finetune", *tiny(),
             "--config.train.num_epochs=1", "--noprogress"]
-
-
-def run(capsys, *args):
-  """(exit code, stdout, stderr) of `jaxlm ARGS`."""
-  capsys.readouterr()
-  code = cli.main(["jaxlm", *map(str, args)])
-  out, err = capsys.readouterr()
-  return code, out, err
 
 
 @pytest.fixture(scope="module")

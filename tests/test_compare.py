@@ -13,6 +13,7 @@ import pytest
 from jaxlm import checkpoint, cli, commands, params as P
 from jaxlm.compare import parse_strategies
 from jaxlm.errors import ConfigError
+from cli_helpers import run
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 SOURCE = "synthetic:train=80,test=40,unsup=160"
@@ -26,14 +27,6 @@ LM_ARGS = ["--config", f"{CONFIGS}/quickstart.py:pretrain", *TINY, "--config.tra
 CLF_ARGS = ["--config", f"{CONFIGS}/quickstart.py:finetune", *TINY, "--config.train.num_epochs=2",
             "--noprogress"]
 ARMS = ("scratch", "full", "head", "top_k_1")
-
-
-def run(capsys, *args):
-  """(exit code, stdout, stderr) of `jaxlm ARGS`."""
-  capsys.readouterr()
-  code = cli.main(["jaxlm", *map(str, args)])
-  out, err = capsys.readouterr()
-  return code, out, err
 
 
 @pytest.fixture(scope="module")

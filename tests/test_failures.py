@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import checkpoint, cli, files, params as P, tasks
+from jaxlm import checkpoint, files, params as P, tasks
 from jaxlm.train import loop
+from cli_helpers import run
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 SOURCE = "synthetic:train=80,test=40,unsup=160"
@@ -26,13 +27,6 @@ TINY = [f"--config.{k}={v}" for k, v in [
     ("model.embed_dim", 8), ("model.hidden_size", 8), ("model.num_layers", 1),
     ("train.num_devices", 1), ("train.log_every_steps", 1)]]
 CLF = ["finetune", "--config", f"{CONFIGS}/quickstart.py:finetune", *TINY, "--noprogress"]
-
-
-def run(capsys, *args):
-  capsys.readouterr()
-  code = cli.main(["jaxlm", *map(str, args)])
-  out, err = capsys.readouterr()
-  return code, out, err
 
 
 def finite_params(workdir):
