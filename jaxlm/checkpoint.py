@@ -487,16 +487,28 @@ def save_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict):
 
 
 def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-  """Reads `{workdir}/config.json` back, so evaluate/predict rebuild the run's model."""
+  """Reads `{workdir}/config.json` back, so evaluate/predict rebuild the run's model.
+
+  The model block gets the defaults of fields added since the run was written (the model's
+  family knows them), so an older workdir builds, resumes and grafts as it did.
+  """
   path = pathlib.Path(workdir) / "config.json"
   if not path.is_file():
     raise CheckpointError(f"{path} does not exist: " + _WRITTEN_BY.format(workdir=workdir))
   try:
     with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
+      config = ml_collections.ConfigDict(json.load(f))
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}): "
                           f"{e.msg}") from None
+  if "model" in config and config.model.get("name") is not None:
+    from jaxlm import models
+    try:
+      family = models.family_of(config.model.name)
+    except ConfigError:  # an unknown model name: validate() names it when the config is used
+      return config
+    config.model = family.complete(config.model)
+  return config
 
 
 def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:

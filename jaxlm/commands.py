@@ -355,7 +355,6 @@ def _load_run(workdir, which, step=None):
   tokenizer = tokenizers.load_tokenizer(workdir / "tokenizer")
   from jaxlm import models
   family = models.family_of(config.model.name)
-  config.model = family.complete(config.model)
   model = family.build(config.model, tokenizer.vocab_size)
   params = checkpoint.restore_params(workdir, step=step, which=which)
   return config, tokenizer, model, params

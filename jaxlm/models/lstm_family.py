@@ -13,6 +13,7 @@ from jaxlm.errors import ConfigError
 from jaxlm.models.classifiers import POOLINGS
 from jaxlm.models.family import CLASSIFIER_TO_CLASSIFIER, ModelFamily
 from jaxlm.models.lm import OUTPUTS
+from jaxlm.models.lstm import IMPLS
 
 LM_TO_CLASSIFIER = [
     (r"^embed/(.*)", r"embed/\1"),
@@ -28,7 +29,9 @@ LM_TO_BIDIRECTIONAL = [
     (r"^decoder/.*", None),
 ]
 
-_SHARED = dict(embed_dim=128, hidden_size=256, num_layers=2, dropout_embed=0.1, dropout_hidden=0.2)
+_SHARED = dict(embed_dim=128, hidden_size=256, num_layers=2, dropout_embed=0.1, dropout_hidden=0.2,
+               weight_drop=0.0,     # AWD-LSTM's DropConnect on each layer's W_hh
+               impl="fused")        # fused (custom-VJP recurrence; the CPU kernel) | scan (nn.scan)
 
 
 class LSTMFamily(ModelFamily):
@@ -46,11 +49,13 @@ class LSTMFamily(ModelFamily):
   def fields(self, model_name):
     if model_name == "lstm_lm":
       return dict(_SHARED, dropout_output=0.2, tie_weights=False,
+                  dropout_words=0.0,           # drop whole word types (embedding rows) per batch
+                  variational=True,            # one dropout mask per sequence, shared over time
                   output="full",               # full | sampled | adaptive
                   num_sampled=1024, adaptive_cutoffs=(2000, 10000))
     return dict(_SHARED, bidirectional=False,
                 pooling="mean" if model_name == "sentiment_net" else "last",  # last|mean|max|concat
-                dropout_output=0.3,
+                dropout_output=0.3, variational=False,
                 head_hidden=0)                 # 0 = one Dense; >0 = ULMFiT-style MLP head
 
   def validate(self, config):
@@ -60,6 +65,7 @@ class LSTMFamily(ModelFamily):
       if model_cfg[key] < 1:
         raise ConfigError(f"config.model.{key} must be >= 1, got {model_cfg[key]}")
     choices = {"output": OUTPUTS} if model_cfg.name == "lstm_lm" else {"pooling": POOLINGS}
+    choices["impl"] = IMPLS
     for key, allowed in choices.items():
       if model_cfg[key] not in allowed:
         raise ConfigError(f"config.model.{key}={model_cfg[key]!r} is not one of {', '.join(allowed)}")
@@ -73,14 +79,16 @@ class LSTMFamily(ModelFamily):
           num_layers=cfg.num_layers, dropout_embed=cfg.dropout_embed,
           dropout_hidden=cfg.dropout_hidden, dropout_output=cfg.dropout_output,
           tie_weights=cfg.tie_weights, output=cfg.output, num_sampled=cfg.num_sampled,
-          adaptive_cutoffs=tuple(cfg.adaptive_cutoffs))
+          adaptive_cutoffs=tuple(cfg.adaptive_cutoffs), dropout_words=cfg.dropout_words,
+          weight_drop=cfg.weight_drop, variational=cfg.variational, impl=cfg.impl)
     cls = classifiers.LSTMClassifier if cfg.name == "lstm_classifier" else classifiers.SentimentNet
     return cls(
         vocab_size=vocab_size, embed_dim=cfg.embed_dim, hidden_size=cfg.hidden_size,
         num_layers=cfg.num_layers, num_outputs=1 if cfg.loss == "bce" else cfg.num_classes,
         bidirectional=cfg.bidirectional, pooling=cfg.pooling, dropout_embed=cfg.dropout_embed,
         dropout_hidden=cfg.dropout_hidden, dropout_output=cfg.dropout_output,
-        head_hidden=cfg.head_hidden)
+        head_hidden=cfg.head_hidden, variational=cfg.variational, weight_drop=cfg.weight_drop,
+        impl=cfg.impl)
 
   def initial_carry(self, model_cfg, batch_size):
     """All-zero LSTM state, a (c, h) pair per layer: the start of stream-mode LM training."""
