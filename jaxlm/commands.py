@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from jaxlm import checkpoint, config as config_lib, graft, metrics, params as params_lib
-from jaxlm import batching, distributed, files, tasks, tokenizers
+from jaxlm import baseline, batching, distributed, files, tasks, tokenizers
 from jaxlm.errors import ConfigError, GraftError
 from jaxlm.train import loop, steps, strategies
 
@@ -334,7 +334,8 @@ def _classifier_summary(config, run, init_from, command="finetune", tokenizer_fr
                                else None}
   distributed.once(checkpoint.write_json_atomic, workdir / "summary.json", summary)
   _log(f"test accuracy {test['accuracy']:.4f} (majority class {test['majority_accuracy']:.4f}) "
-       f"on {int(test['count']):,} examples; best valid {best}")
+       f"on {int(test['count']):,} examples; best valid {best}; "
+       f"{baseline.describe(summary['linear_baseline'])}")
   return summary
 
 
@@ -348,6 +349,7 @@ def classifier_split_metrics(config, task, eval_step, params, devices, split) ->
                                    / max(1, np.sum(label_counts)))
   return out
 
+  summary["linear_baseline"] = baseline.for_config(config)
 
 def _load_run(workdir, which, step=None):
   workdir = pathlib.Path(workdir)
@@ -497,3 +499,7 @@ def format_quickstart_table(s: dict) -> str:
   lines += [f"{a:<{width}}  {b:>10}    {c:<18}{d:>10}" for a, b, c, d in rows]
   lines += ["=" * (width + 44), f"total {s['seconds']:.0f} s; details in summary.json, metrics.jsonl"]
   return "\n".join(lines)
+  lin = pre.get("linear_baseline") or {}
+  if "accuracy" in lin:  # trained on the same labelled examples, scored on the same test split
+    rows.append((f"linear n-gram model ({s['labeled_examples']} labels)", f"{lin['accuracy']:.2%}",
+                 "majority class", f"{pre['majority_accuracy']:.2%}"))

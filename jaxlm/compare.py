@@ -22,7 +22,7 @@ import os
 import pathlib
 import statistics
 
-from jaxlm import checkpoint, commands, config as config_lib, distributed, files, metrics
+from jaxlm import baseline, checkpoint, commands, config as config_lib, distributed, files, metrics
 from jaxlm.errors import CheckpointError, ConfigError
 
 DEFAULT_STRATEGIES = "scratch,full,head,top_k=1"
@@ -222,6 +222,7 @@ def _result(config, workdir, arms, summaries, init_from, source) -> dict:
       "train_records": first["train_records"], "test_examples": first["test_examples"],
       "epochs": config.train.num_epochs, "max_steps": config.train.max_steps,
       "seed": config.train.seed, "select_metric": config.finetune.select_metric,
+      "linear_baseline": first.get("linear_baseline"),
       "majority_accuracy": first["majority_accuracy"],
       "arms": [_arm_row(arm, summaries[arm.name], workdir / arm.dirname) for arm in arms],
   }
@@ -318,6 +319,14 @@ def format_markdown(result: dict) -> str:
         f"{a['parameters']:,}", f"{a['train_seconds']:.1f}", "–" if tps is None else f"{tps:,.0f}",
         str(a["steps"]),
     ]
+  lin = result.get("linear_baseline") or {}
+  if "accuracy" in lin:  # the same train records and test examples as every arm
+    name = {"nb_logreg": "NB-logreg", "tfidf_logreg": "TF-IDF logreg"}[lin["kind"]]
+    lines.append(f"| linear baseline ({name}, 1-{lin['ngram_max']}-grams) | same labels | "
+                 f"{_pct(lin['accuracy'])} | {lin['loss']:.4f} | – | – | {lin['features']:,} features "
+                 f"| – | {lin['seconds']:.1f} | – | – |")
+  elif lin:
+    lines += ["", f"- {baseline.describe(lin)}"]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
