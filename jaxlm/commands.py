@@ -324,6 +324,11 @@ def _classifier_summary(config, run, init_from, command="finetune", tokenizer_fr
              "model": config.model.name, "strategy": config.finetune.strategy, "best_valid": best,
              "test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_confusion": test["confusion"],
              "test_examples": int(test["count"]), "majority_accuracy": test["majority_accuracy"],
+  reverse, source_reverse = config.data.get("reverse", False), source_config.data.get("reverse", False)
+  if reverse != source_reverse:  # a backward LM's weights read text last token first
+    raise ConfigError(f"{init_from} was trained with data.reverse={source_reverse}, this run has "
+                      f"data.reverse={reverse}: a grafted model must read text in the same direction "
+                      f"(--config.data.reverse={source_reverse})")
              "steps": run["result"]["step"], "train_seconds": run["result"]["train_seconds"],
              "parameters": params_lib.count_params(params),
              "trainable_parameters": params_lib.count_params(_trainable(params, plan)),
@@ -402,7 +407,7 @@ def predict(workdir, texts, *, which="best", step=None) -> list[dict]:
   texts = list(texts)
   if not texts:
     return []
-  ids = tokenizer.encode_batch(texts)
+  ids = tasks.encode(config, tokenizer, texts)
   # Same bucketed shapes as evaluation: one jitted forward per bucket, not one per text length.
   batches = batching.ClassificationBatches(
       ids, np.zeros(len(ids), np.int32), batch_size=config.data.eval_batch_size,

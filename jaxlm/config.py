@@ -45,6 +45,7 @@ def _data() -> ml_collections.ConfigDict:
       buckets=(64, 128, 256),  # padded lengths: few shapes, few recompiles
       lm_mode="review",        # review: <bos> w1..wn <eos> per review | stream: contiguous text, BPTT
       bptt=64,                 # stream mode window length
+      reverse=False,           # read every text last token first (a backward LM / classifier)
   ))
 
 

@@ -220,11 +220,20 @@ def read_split(config, split: str, *, labeled: bool, max_examples: int = 0) -> l
 
 def lm_batches(config, tokenizer, texts: list[str], *, shuffle: bool, seed: int,
                batch_size: int | None = None):
-  ids = tokenizer.encode_batch(texts)
+  ids = encode(config, tokenizer, texts)
   batch_size = batch_size or config.data.batch_size
   if config.data.lm_mode == "stream":
     return batching.StreamLMBatches(ids, batch_size=batch_size, bptt=config.data.bptt,
                                     eos_id=tokenizer.eos_id, seed=seed)
+def encode(config, tokenizer, texts: list[str]) -> list[np.ndarray]:
+  """Token ids of each text, in reading order, or last token first with `data.reverse` (a
+  backward model: ULMFiT pairs a forward and a backward LM and averages their classifiers)."""
+  ids = tokenizer.encode_batch(texts)
+  if config.data.get("reverse", False):
+    ids = [row[::-1].copy() for row in ids]
+  return ids
+
+
   return batching.ReviewLMBatches(ids, batch_size=batch_size, buckets=tuple(config.data.buckets),
                                   max_len=config.data.max_len, pad_id=tokenizer.pad_id,
                                   bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
@@ -233,7 +242,7 @@ def lm_batches(config, tokenizer, texts: list[str], *, shuffle: bool, seed: int,
 
 def classification_batches(config, tokenizer, records: list, *, shuffle: bool, seed: int,
                            batch_size: int | None = None):
-  ids = tokenizer.encode_batch([r.text for r in records])
+  ids = encode(config, tokenizer, [r.text for r in records])
   labels = np.array([r.label for r in records], dtype=np.int32)
   return batching.ClassificationBatches(ids, labels, batch_size=batch_size or config.data.batch_size,
                                         buckets=tuple(config.data.buckets), max_len=config.data.max_len,

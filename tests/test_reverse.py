@@ -1,0 +1,38 @@
+"""Backward models: `data.reverse` reads every text last token first, in training, evaluation and
+prediction alike, and a graft refuses to mix directions."""
+import numpy as np
+
+from jaxlm import config as config_lib, tasks, tokenizers
+from cli_helpers import run
+from test_cli import CLF_ARGS, LM_ARGS
+
+
+def _tokenizer():
+  cfg = config_lib.lm_config().tokenizer
+  return tokenizers.build_tokenizer(cfg, ["a b c d e", "c d e f"])
+
+
+def test_encode_reverses_each_text_and_batches_follow():
+  config, tok = config_lib.lm_config(), _tokenizer()
+  texts = ["a b c d e", "f e d"]
+  forward = tasks.encode(config, tok, texts)
+  config.data.reverse = True
+  backward = tasks.encode(config, tok, texts)
+  for f, b in zip(forward, backward):
+    np.testing.assert_array_equal(f[::-1], b)
+  config.data.update(batch_size=2, buckets=(8,), max_len=8)
+  batch = next(iter(tasks.lm_batches(config, tok, texts, shuffle=False, seed=0).epoch_batches()))
+  row = [int(i) for i in batch["inputs"][0] if i != tok.pad_id]
+  assert row == [tok.bos_id, *backward[0].tolist()]  # <bos> then the text backwards
+
+
+def test_a_backward_lm_grafts_only_into_a_backward_classifier(tmp_path, capsys):
+  lm = tmp_path / "lm_bwd"
+  code, _, err = run(capsys, "pretrain", *LM_ARGS, "--config.data.reverse=True", "--workdir", lm)
+  assert code == 0, err
+  code, _, err = run(capsys, "finetune", *CLF_ARGS, "--init-from", lm, "--workdir", tmp_path / "fwd")
+  assert code == 2 and "data.reverse=True" in err and len(err.strip().splitlines()) == 1
+  assert not (tmp_path / "fwd" / "checkpoints").exists()
+  code, _, err = run(capsys, "finetune", *CLF_ARGS, "--config.data.reverse=True", "--init-from", lm,
+                     "--workdir", tmp_path / "bwd")
+  assert code == 0, err
