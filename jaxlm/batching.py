@@ -250,11 +250,29 @@ class _BucketedBatches(ResumableBatches):
 # ----------------------------------------------------------------------------------------------
 
 
+TRUNCATIONS = ("head", "tail", "head_tail")
+
+
+def truncated(seq: np.ndarray, width: int, how: str) -> np.ndarray:
+  """`seq` cut to at most `width` tokens: its start (`head`), its end (`tail`), or both
+  (`head_tail`: the first width // 4 and the last width - width // 4)."""
+  if len(seq) <= width:
+    return seq
+  if how == "head":
+    return seq[:width]
+  if how == "tail":
+    return seq[len(seq) - width:]
+  head = width // 4
+  return np.concatenate([seq[:head], seq[len(seq) - (width - head):]])
+
+
 class ClassificationBatches(_BucketedBatches):
   """Padded, bucketed (tokens, lengths, labels, weights) batches.
 
   Each example is truncated to `max_len` tokens (`truncate='head'` keeps the first ones,
-  `'tail'` the last ones) and padded to the smallest bucket that holds it. An empty example
+  `'tail'` the last ones, `'head_tail'` the first quarter and the last three quarters of the
+  window - where reviews state their verdict; Sun et al. 2019 found 128 + 382 of 510 tokens best
+  for IMDB) and padded to the smallest bucket that holds it. An empty example
   becomes one `pad_id` token with length 1, so every length is >= 1 and an LSTM always has a
   last valid step. With `include_index=True` batches also carry `index` int32 [B]: each row's
   position in `ids` (-1 for filler rows), to write predictions back in the original order.
@@ -268,8 +286,8 @@ class ClassificationBatches(_BucketedBatches):
                truncate: str = "head", include_index: bool = False):
     if pad_id is None:
       raise ConfigError("classification batches need a pad id: the tokenizer has no <pad>")
-    if truncate not in ("head", "tail"):
-      raise ConfigError(f"truncate={truncate!r} is not one of head, tail")
+    if truncate not in TRUNCATIONS:
+      raise ConfigError(f"truncate={truncate!r} is not one of {', '.join(TRUNCATIONS)}")
     labels = np.asarray(labels, dtype=np.int32).reshape(-1)
     if len(ids) != len(labels):
       raise DataError(f"classification data has {len(ids)} token sequences but {len(labels)} "
@@ -294,7 +312,7 @@ class ClassificationBatches(_BucketedBatches):
     weights = np.zeros(size, np.float32)
     for row, example in enumerate(members):
       seq = self.ids[example]
-      seq = seq[:width] if self.truncate == "head" else seq[max(len(seq) - width, 0):]
+      seq = truncated(seq, width, self.truncate)
       tokens[row, :len(seq)] = seq
       lengths[row] = self.lengths[example]
     n = len(members)

@@ -42,6 +42,7 @@ def _data() -> ml_collections.ConfigDict:
       batch_size=32,
       eval_batch_size=64,
       max_len=256,             # tokens per example; longer ones are truncated (clf) or chunked (LM)
+      truncate="head",         # classifier: which max_len tokens of a longer text: head | tail | head_tail
       buckets=(64, 128, 256),  # padded lengths: few shapes, few recompiles
       lm_mode="review",        # review: <bos> w1..wn <eos> per review | stream: contiguous text, BPTT
       bptt=64,                 # stream mode window length
@@ -203,6 +204,7 @@ _CHOICES = {
     "optim.name": ("adam", "adamw", "sgd"),
     "optim.schedule": ("constant", "cosine", "stlr", "linear_warmup"),
     "train.on_nonfinite": ("stop", "skip"),
+    "data.truncate": ("head", "tail", "head_tail"),   # jaxlm/batching.py TRUNCATIONS
 }
 
 

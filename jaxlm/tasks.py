@@ -241,12 +241,14 @@ def encode(config, tokenizer, texts: list[str]) -> list[np.ndarray]:
 
 
 def classification_batches(config, tokenizer, records: list, *, shuffle: bool, seed: int,
-                           batch_size: int | None = None):
+                           batch_size: int | None = None, include_index: bool = False):
   ids = encode(config, tokenizer, [r.text for r in records])
   labels = np.array([r.label for r in records], dtype=np.int32)
   return batching.ClassificationBatches(ids, labels, batch_size=batch_size or config.data.batch_size,
                                         buckets=tuple(config.data.buckets), max_len=config.data.max_len,
-                                        pad_id=tokenizer.pad_id, shuffle=shuffle, seed=seed)
+                                        pad_id=tokenizer.pad_id, shuffle=shuffle, seed=seed,
+                                        truncate=config.data.get("truncate", "head"),
+                                        include_index=include_index)
 
 
 def evaluate_batches(eval_step, params, batch_iter, devices, *, carry=None, max_batches: int = 0) -> dict:

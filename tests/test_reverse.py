@@ -36,3 +36,21 @@ def test_a_backward_lm_grafts_only_into_a_backward_classifier(tmp_path, capsys):
   code, _, err = run(capsys, "finetune", *CLF_ARGS, "--config.data.reverse=True", "--init-from", lm,
                      "--workdir", tmp_path / "bwd")
   assert code == 0, err
+
+
+def test_head_tail_truncation_keeps_both_ends():
+  from jaxlm import batching
+  seq = np.arange(100)
+  np.testing.assert_array_equal(batching.truncated(seq, 8, "head"), np.arange(8))
+  np.testing.assert_array_equal(batching.truncated(seq, 8, "tail"), np.arange(92, 100))
+  np.testing.assert_array_equal(batching.truncated(seq, 8, "head_tail"), [0, 1, 94, 95, 96, 97, 98, 99])
+  np.testing.assert_array_equal(batching.truncated(seq[:5], 8, "head_tail"), seq[:5])
+  config = config_lib.classifier_config()
+  config.data.update(truncate="head_tail", max_len=8, buckets=(8,), batch_size=2)
+  tok = _tokenizer()
+  records = [tasks.sources.Record(" ".join(["a"] * 20 + ["f"] * 10), 1), tasks.sources.Record("c", 0)]
+  batch = next(iter(tasks.classification_batches(config, tok, records, shuffle=False,
+                                                 seed=0).epoch_batches()))
+  first = batch["tokens"][0].tolist()
+  assert first[:2] == [tok.encode("a")[0]] * 2 and first[2:] == [tok.encode("f")[0]] * 6
+  assert int(batch["lengths"][0]) == 8
