@@ -300,6 +300,11 @@ def finetune(config, workdir, *, init_from=None, tokenizer_from=None, progress=T
 def _graft_map(source_config, config, init_from):
   """The assignment map from the run in `init_from` into `config`'s model (same family only)."""
   from jaxlm import models
+  reverse, source_reverse = config.data.get("reverse", False), source_config.data.get("reverse", False)
+  if reverse != source_reverse:  # a backward LM's weights read text last token first
+    raise ConfigError(f"{init_from} was trained with data.reverse={source_reverse}, this run has "
+                      f"data.reverse={reverse}: a grafted model must read text in the same direction "
+                      f"(--config.data.reverse={source_reverse})")
   family = models.family_of(config.model.name)
   source_family = models.family_of(source_config.model.name)
   if source_family is not family:
@@ -324,11 +329,6 @@ def _classifier_summary(config, run, init_from, command="finetune", tokenizer_fr
              "model": config.model.name, "strategy": config.finetune.strategy, "best_valid": best,
              "test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_confusion": test["confusion"],
              "test_examples": int(test["count"]), "majority_accuracy": test["majority_accuracy"],
-  reverse, source_reverse = config.data.get("reverse", False), source_config.data.get("reverse", False)
-  if reverse != source_reverse:  # a backward LM's weights read text last token first
-    raise ConfigError(f"{init_from} was trained with data.reverse={source_reverse}, this run has "
-                      f"data.reverse={reverse}: a grafted model must read text in the same direction "
-                      f"(--config.data.reverse={source_reverse})")
              "steps": run["result"]["step"], "train_seconds": run["result"]["train_seconds"],
              "parameters": params_lib.count_params(params),
              "trainable_parameters": params_lib.count_params(_trainable(params, plan)),
@@ -337,6 +337,7 @@ def _classifier_summary(config, run, init_from, command="finetune", tokenizer_fr
              "train_records": task.info["train_records"],
              "tokenizer_from": str(tokenizer_from or init_from) if (tokenizer_from or init_from)
                                else None}
+  summary["linear_baseline"] = baseline.for_config(config)
   distributed.once(checkpoint.write_json_atomic, workdir / "summary.json", summary)
   _log(f"test accuracy {test['accuracy']:.4f} (majority class {test['majority_accuracy']:.4f}) "
        f"on {int(test['count']):,} examples; best valid {best}; "
@@ -354,7 +355,6 @@ def classifier_split_metrics(config, task, eval_step, params, devices, split) ->
                                    / max(1, np.sum(label_counts)))
   return out
 
-  summary["linear_baseline"] = baseline.for_config(config)
 
 def _load_run(workdir, which, step=None):
   workdir = pathlib.Path(workdir)
@@ -498,13 +498,13 @@ def format_quickstart_table(s: dict) -> str:
       (f"classifier, from scratch ({s['labeled_examples']} labels)", f"{scratch['test_accuracy']:.2%}",
        "majority class", f"{scratch['majority_accuracy']:.2%}"),
   ]
+  lin = pre.get("linear_baseline") or {}
+  if "accuracy" in lin:  # trained on the same labelled examples, scored on the same test split
+    rows.append((f"linear n-gram model ({s['labeled_examples']} labels)", f"{lin['accuracy']:.2%}",
+                 "majority class", f"{pre['majority_accuracy']:.2%}"))
   width = max(len(r[0]) for r in rows)
   lines = ["", "=" * (width + 44), f"{'jaxlm quickstart':<{width}}  {'result':>10}    {'baseline':<18}{'':>10}",
            "-" * (width + 44)]
   lines += [f"{a:<{width}}  {b:>10}    {c:<18}{d:>10}" for a, b, c, d in rows]
   lines += ["=" * (width + 44), f"total {s['seconds']:.0f} s; details in summary.json, metrics.jsonl"]
   return "\n".join(lines)
-  lin = pre.get("linear_baseline") or {}
-  if "accuracy" in lin:  # trained on the same labelled examples, scored on the same test split
-    rows.append((f"linear n-gram model ({s['labeled_examples']} labels)", f"{lin['accuracy']:.2%}",
-                 "majority class", f"{pre['majority_accuracy']:.2%}"))

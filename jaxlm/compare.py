@@ -222,8 +222,8 @@ def _result(config, workdir, arms, summaries, init_from, source) -> dict:
       "train_records": first["train_records"], "test_examples": first["test_examples"],
       "epochs": config.train.num_epochs, "max_steps": config.train.max_steps,
       "seed": config.train.seed, "select_metric": config.finetune.select_metric,
-      "linear_baseline": first.get("linear_baseline"),
       "majority_accuracy": first["majority_accuracy"],
+      "linear_baseline": first.get("linear_baseline"),
       "arms": [_arm_row(arm, summaries[arm.name], workdir / arm.dirname) for arm in arms],
   }
 
@@ -319,6 +319,7 @@ def format_markdown(result: dict) -> str:
         f"{a['parameters']:,}", f"{a['train_seconds']:.1f}", "–" if tps is None else f"{tps:,.0f}",
         str(a["steps"]),
     ]
+    lines.append("| " + " | ".join(cells) + " |")
   lin = result.get("linear_baseline") or {}
   if "accuracy" in lin:  # the same train records and test examples as every arm
     name = {"nb_logreg": "NB-logreg", "tfidf_logreg": "TF-IDF logreg"}[lin["kind"]]
@@ -327,7 +328,6 @@ def format_markdown(result: dict) -> str:
                  f"| – | {lin['seconds']:.1f} | – | – |")
   elif lin:
     lines += ["", f"- {baseline.describe(lin)}"]
-    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 

@@ -135,9 +135,6 @@ def classifier_config(model: str = "sentiment_net") -> ml_collections.ConfigDict
       graft_map="auto",        # --init-from: auto (from the source and target runs) or a map the
                                # model's family declares (e.g. lm_to_bidirectional)
   ))
-  return config
-
-
   # A linear model on the same labelled records beside every result (jaxlm/baseline.py): NB-weighted
   # logistic regression on 1-2-grams, ~30 s on IMDB's 22,500 reviews (scikit-learn extra).
   config.baseline = ml_collections.ConfigDict(dict(
@@ -145,6 +142,9 @@ def classifier_config(model: str = "sentiment_net") -> ml_collections.ConfigDict
       ngram_max=2,             # n-grams 1..ngram_max
       C=1.0,                   # inverse L2 strength of the logistic regression
   ))
+  return config
+
+
 def shipped_configs() -> list[str]:
   """Names of the configs that come with jaxlm (`imdb_lm`, `quickstart`, ...): `--config NAME`."""
   return sorted(f.name[:-3] for f in CONFIG_DIR.iterdir()
@@ -248,12 +248,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"config.model.name={config.model.name!r} is a {family.models[config.model.name]} "
                       f"model, but config.task={config.task!r}")
   family.validate(config)
-  graft_map = (config.get("finetune") or {}).get("graft_map", "auto")
-  if graft_map != "auto":
-    family.graft_map(graft_map)  # raises, naming the family's maps
   if config.get("baseline") is not None:
     from jaxlm import baseline
     baseline.validate(config.baseline)
+  graft_map = (config.get("finetune") or {}).get("graft_map", "auto")
+  if graft_map != "auto":
+    family.graft_map(graft_map)  # raises, naming the family's maps
   for key in ("data.batch_size", "data.max_len", "train.num_epochs"):
     if _get(config, key) < 1:
       raise ConfigError(f"config.{key} must be >= 1, got {_get(config, key)}")
@@ -273,6 +273,7 @@ RESUMABLE_KEYS = (
     "train.checkpoint_every_minutes", "train.log_every_steps", "train.eval_max_batches",
     "train.max_to_keep", "train.num_devices", "train.on_nonfinite", "train.max_nonfinite_batches",
     "data.eval_batch_size", "data.test_split", "data.test_max_examples",
+    "baseline.kind", "baseline.ngram_max", "baseline.C",  # scored after training, never trained on
 )
 
 
@@ -280,7 +281,6 @@ def flat_keys(tree: dict, prefix: str = "") -> dict:
   """A nested config dict (as in config.json) -> `{'a.b.c': value}`, tuples as lists."""
   out = {}
   for key, value in tree.items():
-    "baseline.kind", "baseline.ngram_max", "baseline.C",  # scored after training, never trained on
     if isinstance(value, dict):
       out.update(flat_keys(value, f"{prefix}{key}."))
     else:
