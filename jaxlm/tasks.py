@@ -218,13 +218,6 @@ def read_split(config, split: str, *, labeled: bool, max_examples: int = 0) -> l
   return records
 
 
-def lm_batches(config, tokenizer, texts: list[str], *, shuffle: bool, seed: int,
-               batch_size: int | None = None):
-  ids = encode(config, tokenizer, texts)
-  batch_size = batch_size or config.data.batch_size
-  if config.data.lm_mode == "stream":
-    return batching.StreamLMBatches(ids, batch_size=batch_size, bptt=config.data.bptt,
-                                    eos_id=tokenizer.eos_id, seed=seed)
 def encode(config, tokenizer, texts: list[str]) -> list[np.ndarray]:
   """Token ids of each text, in reading order, or last token first with `data.reverse` (a
   backward model: ULMFiT pairs a forward and a backward LM and averages their classifiers)."""
@@ -234,6 +227,13 @@ def encode(config, tokenizer, texts: list[str]) -> list[np.ndarray]:
   return ids
 
 
+def lm_batches(config, tokenizer, texts: list[str], *, shuffle: bool, seed: int,
+               batch_size: int | None = None):
+  ids = encode(config, tokenizer, texts)
+  batch_size = batch_size or config.data.batch_size
+  if config.data.lm_mode == "stream":
+    return batching.StreamLMBatches(ids, batch_size=batch_size, bptt=config.data.bptt,
+                                    eos_id=tokenizer.eos_id, seed=seed)
   return batching.ReviewLMBatches(ids, batch_size=batch_size, buckets=tuple(config.data.buckets),
                                   max_len=config.data.max_len, pad_id=tokenizer.pad_id,
                                   bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
