@@ -232,6 +232,19 @@ class Checkpointer:
                  ", ".join(sorted(k for k in stored if k != "params")))
     return params
 
+  def params_metadata(self, step: int | None = None, *,
+                      which: str = "latest") -> tuple[int, Any]:
+    """(step, its `state/params` as ShapeDtypeStructs) from the step's metadata: no array is read
+    (`jaxlm inspect`). Steps are chosen, verified and skipped when damaged as in `restore`."""
+    def read(step):
+      stored = self._stored_state(step)
+      if "params" not in stored:
+        raise CheckpointError(f"checkpoint {self.directory / str(step)} has no 'params' "
+                              f"(found: {sorted(stored)})")
+      return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored["params"])
+
+    return self._load(step, which, read)
+
   def wait_until_finished(self):
     """Waits for an asynchronous save and writes its checksums; raises its failure."""
     self._finish_saves()

@@ -6,13 +6,14 @@
     jaxlm compare    --config FILE --init-from LM_WORKDIR --workdir DIR [--strategies scratch,full,head,top_k=1,gradual]
     jaxlm evaluate   --workdir DIR [--split test] [--which best|latest | --step N]
     jaxlm predict    --workdir DIR [TEXT ...]        (one text per line on stdin without TEXT)
-    jaxlm inspect    --config NAME|FILE | --workdir DIR
+    jaxlm inspect    PATH [--strategy S [--epoch E]] [--diff OTHER] [--step N | --which W] [--json]
 
 Configs follow the ml_collections convention of the Flax examples: `--config FILE[:part]` plus
 `--config.key=value` overrides; `--config NAME[:part]` names a config shipped with jaxlm
 (`imdb_lm`, `quickstart:pretrain`; jaxlm.config.get_config). `--distributed` (pretrain, finetune,
 compare) runs one process per host of a TPU pod slice or GPU cluster as one data-parallel run
-(README, "Multi-host"). Errors a user can cause print one line and exit with status 2.
+(README, "Multi-host"). `inspect` takes a workdir, WORKDIR/checkpoints/N, a config file or name
+(or `--config` with overrides). Errors a user can cause print one line and exit with status 2.
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ def _define_flags(command: str, argv: list[str]):
     flags.DEFINE_string("which", "best", "Checkpoint: best (by validation) or latest.", flag_values=fv)
     flags.DEFINE_integer("step", None, "Checkpoint of this step instead of --which (a damaged one is "
                          "an error, not replaced by an older step).", lower_bound=0, flag_values=fv)
+  if command == "inspect":
+    _define_inspect_flags(fv)
   if command in ("pretrain", "finetune"):
     flags.DEFINE_bool("overwrite", False, "Start over: delete the workdir's previous run (its "
                       "checkpoints, tokenizer, metrics) instead of resuming it.", flag_values=fv)
@@ -108,8 +111,29 @@ def _run(command: str, argv: list[str]) -> None:
       sys.stdout.reconfigure(encoding="utf-8")
     commands.predict(flags.workdir, texts, which=flags.which, step=flags.step)
   elif command == "inspect":
-    config = flags.config if flags["config"].present else None
-    commands.inspect(config, flags.workdir)
+    if len(rest) > 1:
+      raise ConfigError(f"jaxlm inspect takes one PATH, got {len(rest)}: {' '.join(rest)}")
+    commands.inspect(flags.config if flags["config"].present else None, flags.workdir,
+                     path=rest[0] if rest else None, strategy=flags.strategy, epoch=flags.epoch,
+                     other=flags.diff, step=flags.step, which=flags.which, as_json=flags.json)
+
+
+def _define_inspect_flags(fv) -> None:
+  from absl import flags
+  from jaxlm.compare import FORMS
+  flags.DEFINE_string("strategy", None, f"Mark each leaf trainable or frozen, with its learning-"
+                      f"rate multiplier, under this strategy: {FORMS}, or 'config' (the "
+                      "config's own config.finetune).", flag_values=fv)
+  flags.DEFINE_integer("epoch", 0, "The epoch --strategy marks (0 = the first; only gradual "
+                       "changes with it).", lower_bound=0, flag_values=fv)
+  flags.DEFINE_string("diff", None, "Compare PATH's tree with this one's (a workdir, checkpoint, "
+                      "config): shared, added, removed and shape-changed paths.", flag_values=fv)
+  flags.DEFINE_integer("step", None, "A workdir's checkpoint of this step.", lower_bound=0,
+                       flag_values=fv)
+  flags.DEFINE_enum("which", None, ["best", "latest"], "A workdir's checkpoint (default: the one "
+                    "it is evaluated from: best for a classifier, latest for an LM).",
+                    flag_values=fv)
+  flags.DEFINE_bool("json", False, "Print the data as JSON instead of the table.", flag_values=fv)
 
 
 def _stdin_lines() -> list[str]:

@@ -432,20 +432,15 @@ def predict(workdir, texts, *, which="best", step=None) -> list[dict]:
   return out
 
 
-def inspect(config=None, workdir=None) -> dict:
-  """Parameter tree (path, shape, dtype, count) of a config's model or a workdir's checkpoint."""
-  if workdir is not None and config is None:
-    _, _, _, params = _load_run(workdir, "latest")
-  elif config is not None:
-    config_lib.validate(config)
-    params = _abstract_params(config, _vocab_size_for(config))
-  else:
-    raise ConfigError("jaxlm inspect needs --config FILE or --workdir DIR")
-  rows = params_lib.param_table(params)
-  print(params_lib.format_table(rows))
-  total = params_lib.count_params(params)
-  print(f"total trainable parameters: {total:,}")
-  return {"parameters": total}
+def inspect(config=None, workdir=None, *, path=None, **options) -> dict:
+  """Parameter tree of one of: `path` (a workdir, checkpoint step, config file or name), a config
+  or a workdir; `options` as `jaxlm.inspection.command` (strategy, epoch, other, step, which)."""
+  from jaxlm import inspection
+  given = [s for s in (path, config, workdir) if s is not None]
+  if len(given) != 1:
+    raise ConfigError(f"jaxlm inspect needs one PATH ({inspection.SOURCE_KINDS}), --config or "
+                      f"--workdir; got {len(given)}")
+  return inspection.command(given[0], **options)
 
 
 def _vocab_size_for(config) -> int:

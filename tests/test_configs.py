@@ -104,8 +104,10 @@ def test_inspect_seed003_reports_seed_parameter_count(capsys):
   """Seed 003's baseline has exactly 2,867,049 parameters (25,002-word vocab, embed 100, LSTM 256)."""
   assert cli.main(["jaxlm", "inspect", "--config", str(CONFIG_DIR / "seed003_lstm.py")]) == 0
   out = capsys.readouterr().out
-  assert "total trainable parameters: 2,867,049" in out
-  assert "embed/embedding" in out and "(25002, 100)" in out
+  assert "total: 2,867,049 parameters" in out
+  embedding = next(line for line in out.splitlines() if line.strip().startswith("embedding "))
+  # the leaf `embed/embedding`, indented under its subtree `embed`
+  assert embedding.startswith("  embedding ") and "(25002, 100)" in embedding
 
 
 def test_inspect_applies_overrides(capsys):
@@ -115,7 +117,7 @@ def test_inspect_applies_overrides(capsys):
   out = capsys.readouterr().out
   # 25002*100 + (100+8)*32 + 2*32 + 8 + 1
   expected = 25002 * 100 + (100 + 8) * 32 + 2 * 32 + 8 + 1
-  assert f"total trainable parameters: {expected:,}" in out
+  assert f"total: {expected:,} parameters" in out
 
 
 def test_negative_test_subset_is_a_config_error():

@@ -79,7 +79,7 @@ def test_cli_takes_a_shipped_name(capsys, tmp_path, monkeypatch):
   args = ["jaxlm", "inspect", "--config", "seed003_lstm", "--config.model.hidden_size=8"]
   assert cli.main(args) == 0
   expected = 25002 * 100 + (100 + 8) * 32 + 2 * 32 + 8 + 1  # overrides apply, as with a path
-  assert f"total trainable parameters: {expected:,}" in capsys.readouterr().out
+  assert f"total: {expected:,} parameters" in capsys.readouterr().out
   assert cli.main(["jaxlm", "pretrain", "--config", "nope", "--workdir", str(tmp_path / "w")]) == 2
   err = capsys.readouterr().err.strip()
   assert err.count("\n") == 0 and "cannot load --config nope" in err and "quickstart" in err
