@@ -99,7 +99,12 @@ def test_compare_writes_table_json_and_plot(compared):
   table = (work / "compare.md").read_text()
   assert str(compared["lm"]) in table and "majority-class baseline" in table
   rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
-  assert [r.split("|")[1].strip() for r in rows] == ["scratch", "full", "head", "top_k=1"]
+  assert [r.split("|")[1].strip() for r in rows] == ["scratch", "full", "head", "top_k=1",
+                                                     "linear baseline (NB-logreg, 1-2-grams)"]
+  # The linear model saw the arms' train records and scored their test examples.
+  lin = result["linear_baseline"]
+  assert lin["test_examples"] == result["test_examples"]
+  assert lin["train_examples"] == result["train_records"]
   assert (work / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
