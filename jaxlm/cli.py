@@ -6,6 +6,7 @@
     jaxlm compare    --config FILE --init-from LM_WORKDIR --workdir DIR [--strategies scratch,full,head,top_k=1,gradual]
     jaxlm evaluate   --workdir DIR [--split test] [--which best|latest | --step N]
     jaxlm predict    --workdir DIR [TEXT ...]        (one text per line on stdin without TEXT)
+    jaxlm export     WORKDIR --format safetensors [--out DIR] [--which best|latest | --step N]
     jaxlm inspect    PATH [--strategy S [--epoch E]] [--diff OTHER] [--step N | --which W] [--json]
 
 Configs follow the ml_collections convention of the Flax examples: `--config FILE[:part]` plus
@@ -20,7 +21,8 @@ from __future__ import annotations
 import os
 import sys
 
-COMMANDS = ("quickstart", "pretrain", "finetune", "compare", "evaluate", "predict", "inspect")
+COMMANDS = ("quickstart", "pretrain", "finetune", "compare", "evaluate", "predict", "inspect",
+            "export")
 DISTRIBUTED_COMMANDS = ("pretrain", "finetune", "compare")
 USAGE = __doc__
 
@@ -36,7 +38,8 @@ def _define_flags(command: str, argv: list[str]):
   flags.DEFINE_string("workdir", "runs/quickstart" if command == "quickstart" else None,
                       "Run directory: checkpoints, tokenizer, metrics, plots, summary.", flag_values=fv)
   if command == "finetune":
-    flags.DEFINE_string("init_from", None, "Workdir of a pretrained LM to graft from (omit: from scratch).",
+    flags.DEFINE_string("init_from", None, "Workdir of a pretrained run, or a safetensors export "
+                        "(its folder or .safetensors file), to graft from (omit: from scratch).",
                         flag_values=fv)
   if command == "compare":
     from jaxlm.compare import DEFAULT_STRATEGIES, FORMS
@@ -54,6 +57,15 @@ def _define_flags(command: str, argv: list[str]):
                          "an error, not replaced by an older step).", lower_bound=0, flag_values=fv)
   if command == "inspect":
     _define_inspect_flags(fv)
+  if command == "export":
+    from jaxlm.interop import FORMATS
+    flags.DEFINE_enum("format", "safetensors", list(FORMATS), "What to write: safetensors (PyTorch "
+                      "module names, config.json, tokenizer).", flag_values=fv)
+    flags.DEFINE_string("out", None, "Folder to write (default: WORKDIR/export).", flag_values=fv)
+    flags.DEFINE_enum("which", None, ["best", "latest"], "Checkpoint (default: best for a "
+                      "classifier, latest for an LM, as --init-from picks).", flag_values=fv)
+    flags.DEFINE_integer("step", None, "Checkpoint of this step instead of --which.",
+                         lower_bound=0, flag_values=fv)
   if command in ("pretrain", "finetune"):
     flags.DEFINE_bool("overwrite", False, "Start over: delete the workdir's previous run (its "
                       "checkpoints, tokenizer, metrics) instead of resuming it.", flag_values=fv)
@@ -84,7 +96,7 @@ def _run(command: str, argv: list[str]) -> None:
     raise ConfigError(_unknown_key_message(e, argv)) from None
   except SyntaxError as e:  # in the --config file itself
     raise ConfigError(f"config file {e.filename} line {e.lineno}: {e.msg}") from None
-  needs_workdir = command != "inspect"
+  needs_workdir = command not in ("inspect", "export")
   if needs_workdir and not flags.workdir:
     raise ConfigError(f"jaxlm {command} needs --workdir DIR")
   if command in DISTRIBUTED_COMMANDS and distributed.requested(flags.distributed):
@@ -110,6 +122,13 @@ def _run(command: str, argv: list[str]) -> None:
     if hasattr(sys.stdout, "reconfigure"):  # a C/latin-1 locale must not fail on a CJK text
       sys.stdout.reconfigure(encoding="utf-8")
     commands.predict(flags.workdir, texts, which=flags.which, step=flags.step)
+  elif command == "export":
+    from jaxlm import interop
+    given = [flags.workdir] if flags.workdir else []
+    if len(rest + given) != 1:
+      raise ConfigError(f"jaxlm export takes one WORKDIR, got {len(rest + given)}")
+    interop.export((rest + given)[0], flags.out, which=flags.which, step=flags.step,
+                   fmt=flags.format)
   elif command == "inspect":
     if len(rest) > 1:
       raise ConfigError(f"jaxlm inspect takes one PATH, got {len(rest)}: {' '.join(rest)}")

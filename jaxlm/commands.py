@@ -279,7 +279,15 @@ def finetune(config, workdir, *, init_from=None, tokenizer_from=None, progress=T
   init_params = tokenizer = graft_map = None
   if tokenizer_from is not None:
     tokenizer = tokenizers.load_tokenizer(pathlib.Path(tokenizer_from) / "tokenizer")
-  if init_from is not None:
+  from jaxlm import interop
+  if init_from is not None and interop.is_export(init_from):
+    # A safetensors export (jaxlm export, or PyTorch weights with its config.json): same graft
+    # maps and tokenizer reuse as a workdir; its config is checked before any weight is read.
+    init_from = pathlib.Path(init_from)
+    export = interop.read_export(init_from)
+    graft_map = _graft_map(export.config, config, init_from)
+    init_params, tokenizer = export.params(), export.tokenizer()
+  elif init_from is not None:
     init_from = pathlib.Path(init_from)
     source_config = checkpoint.load_config(init_from)
     graft_map = _graft_map(source_config, config, init_from)
@@ -298,7 +306,8 @@ def finetune(config, workdir, *, init_from=None, tokenizer_from=None, progress=T
 
 
 def _graft_map(source_config, config, init_from):
-  """The assignment map from the run in `init_from` into `config`'s model (same family only)."""
+  """The assignment map from the run (or export) in `init_from` into `config`'s model (same
+  family only)."""
   from jaxlm import models
   reverse, source_reverse = config.data.get("reverse", False), source_config.data.get("reverse", False)
   if reverse != source_reverse:  # a backward LM's weights read text last token first

@@ -16,8 +16,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from jaxlm import interop, models  # noqa: E402
 from jaxlm.models.lm import LSTMLanguageModel, perplexity  # noqa: E402
 from jaxlm.models.lstm import LSTMEncoder  # noqa: E402
+
+LSTM = models.FAMILIES["lstm"]  # its torch names: the converter `jaxlm export` uses
 
 B, T, E, H, V = 3, 9, 5, 6, 17
 LENGTHS = np.array([9, 4, 6], np.int64)
@@ -36,39 +39,20 @@ def rel_err(a, b):
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-def _directions(bidirectional):
-  return [("fwd", ""), ("bwd", "_reverse")] if bidirectional else [(None, "")]
-
-
 def torch_lstm_from(params, num_layers, bidirectional, dtype):
+  """nn.LSTM holding the encoder's weights, copied by the library's converter (jaxlm/interop.py:
+  kernels transposed, a bidirectional layer's `bwd` into the `_reverse` weights)."""
   lstm = torch.nn.LSTM(E, H, num_layers, batch_first=True, bidirectional=bidirectional)
   lstm = lstm.to(dtype)
-  with torch.no_grad():
-    for i in range(num_layers):
-      for d, suffix in _directions(bidirectional):
-        p = params[f"layer_{i}"] if d is None else params[f"layer_{i}"][d]
-        getattr(lstm, f"weight_ih_l{i}{suffix}").copy_(torch.tensor(np.asarray(p["ih"]["kernel"]).T))
-        getattr(lstm, f"weight_hh_l{i}{suffix}").copy_(torch.tensor(np.asarray(p["hh"]["kernel"]).T))
-        getattr(lstm, f"bias_ih_l{i}{suffix}").copy_(torch.tensor(np.asarray(p["ih"]["bias"])))
-        getattr(lstm, f"bias_hh_l{i}{suffix}").copy_(torch.tensor(np.asarray(p["hh"]["bias"])))
+  interop.load_into_torch(torch.nn.ModuleDict({"lstm": lstm}),
+                          interop.to_torch({"encoder": params}, LSTM))
   return lstm
 
 
-def torch_grads_as_jax_tree(lstm, num_layers, bidirectional):
-  """PyTorch's weight gradients rearranged into jaxlm's param tree (kernels transposed)."""
-  tree = {}
-  for i in range(num_layers):
-    layer = {}
-    for d, suffix in _directions(bidirectional):
-      g = lambda name: getattr(lstm, f"{name}_l{i}{suffix}").grad.numpy()
-      p = {"ih": {"kernel": g("weight_ih").T, "bias": g("bias_ih")},
-           "hh": {"kernel": g("weight_hh").T, "bias": g("bias_hh")}}
-      if d is None:
-        layer = p
-      else:
-        layer[d] = p
-    tree[f"layer_{i}"] = layer
-  return tree
+def torch_grads_as_jax_tree(lstm, template):
+  """PyTorch's weight gradients rearranged into jaxlm's param tree by the library's converter."""
+  grads = {f"lstm.{name}": p.grad.numpy() for name, p in lstm.named_parameters()}
+  return interop.from_torch(grads, {"encoder": template}, LSTM)["encoder"]
 
 
 def _loss_weights(shape, seed):
@@ -125,7 +109,7 @@ def run_encoder_case(num_layers, bidirectional, padded, impl, dtype, tol):
     assert rel_err(c, cn_l[i].detach().numpy()) <= tol
   assert rel_err(j_loss, t_loss.item()) <= tol
   assert rel_err(g_x, xt.grad.numpy()) <= tol
-  t_grads = torch_grads_as_jax_tree(lstm, num_layers, bidirectional)
+  t_grads = torch_grads_as_jax_tree(lstm, params)
   flat_j = jax.tree_util.tree_leaves_with_path(g_params)
   flat_t = dict(jax.tree_util.tree_leaves_with_path(t_grads))
   assert len(flat_j) == len(flat_t) == num_layers * dirs * 4
@@ -168,19 +152,10 @@ def test_language_model_matches_torch_float64(x64, num_layers, tie):
   emb = torch.nn.Embedding(V, E).double()
   lstm = torch.nn.LSTM(E, hidden, num_layers, batch_first=True).double()
   lin = torch.nn.Linear(hidden, V).double()
-  with torch.no_grad():
-    emb.weight.copy_(torch.tensor(np.asarray(params["embed"]["embedding"])))
-    for i in range(num_layers):
-      p = params["encoder"][f"layer_{i}"]
-      getattr(lstm, f"weight_ih_l{i}").copy_(torch.tensor(np.asarray(p["ih"]["kernel"]).T))
-      getattr(lstm, f"weight_hh_l{i}").copy_(torch.tensor(np.asarray(p["hh"]["kernel"]).T))
-      getattr(lstm, f"bias_ih_l{i}").copy_(torch.tensor(np.asarray(p["ih"]["bias"])))
-      getattr(lstm, f"bias_hh_l{i}").copy_(torch.tensor(np.asarray(p["hh"]["bias"])))
-    if tie:
-      lin.weight = emb.weight
-    else:
-      lin.weight.copy_(torch.tensor(np.asarray(params["decoder"]["kernel"]).T))
-    lin.bias.copy_(torch.tensor(np.asarray(params["decoder"]["bias"])))
+  if tie:
+    lin.weight = emb.weight
+  interop.load_into_torch(torch.nn.ModuleDict({"embedding": emb, "lstm": lstm, "decoder": lin}),
+                          interop.to_torch(params, LSTM))  # tied: decoder.weight is the embedding
   packed = torch.nn.utils.rnn.pack_padded_sequence(
       emb(torch.tensor(inputs)), torch.tensor(LENGTHS), batch_first=True, enforce_sorted=False)
   out, (hn, cn) = lstm(packed)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from jaxlm import params as P
+from jaxlm import interop, models, params as P
 from jaxlm.models.transformer import (NORMS, POOLINGS, POSITIONALS, Dropout,
                                       TransformerClassifier, sinusoidal_positions)
 
@@ -73,34 +73,17 @@ def test_examples_do_not_see_each_other():
 # PyTorch parity: nn.TransformerEncoder with the same weights gives the same logits.
 
 
-def _linear(m: torch.nn.Linear):
-  return {"kernel": m.weight.detach().numpy().T, "bias": m.bias.detach().numpy()}
-
-
-def _layer_norm(m: torch.nn.LayerNorm):
-  return {"scale": m.weight.detach().numpy(), "bias": m.bias.detach().numpy()}
-
-
 def torch_encoder_to_params(embed: torch.nn.Embedding, encoder: torch.nn.TransformerEncoder,
-                            head: torch.nn.Linear) -> dict:
-  """PyTorch embedding + `nn.TransformerEncoder` + Linear -> TransformerClassifier params.
+                            head: torch.nn.Linear, template) -> dict:
+  """PyTorch embedding + `nn.TransformerEncoder` + Linear -> TransformerClassifier params, by the
+  library's converter (jaxlm/interop.py, the transformer family's torch names).
 
   One-to-one: `in_proj_weight [3d,d]` (q,k,v stacked, heads contiguous) transposes into
   `attn/qkv/kernel [d,3d]`; norm1/norm2 are norm_attn/norm_ffn; `encoder.norm` is final_norm.
   """
-  layers = {}
-  for i, layer in enumerate(encoder.layers):
-    attn = layer.self_attn
-    layers[f"layer_{i}"] = {
-        "attn": {"qkv": {"kernel": attn.in_proj_weight.detach().numpy().T,
-                         "bias": attn.in_proj_bias.detach().numpy()},
-                 "out": _linear(attn.out_proj)},
-        "ffn_in": _linear(layer.linear1), "ffn_out": _linear(layer.linear2),
-        "norm_attn": _layer_norm(layer.norm1), "norm_ffn": _layer_norm(layer.norm2)}
-  if encoder.norm is not None:
-    layers["final_norm"] = _layer_norm(encoder.norm)
-  return {"embed": {"embedding": embed.weight.detach().numpy()}, "encoder": layers,
-          "head": _linear(head)}
+  module = torch.nn.ModuleDict({"embedding": embed, "encoder": encoder, "head": head})
+  tensors = {name: t.detach().numpy() for name, t in module.state_dict().items()}
+  return interop.from_torch(tensors, template, models.FAMILIES["transformer"])
 
 
 def _torch_model(vocab, d, heads, ffn, layers, outputs, norm_first):
@@ -137,8 +120,8 @@ def test_matches_pytorch_transformer_encoder(norm):
   tokens = tokens % vocab
   model = TransformerClassifier(vocab, d, heads, layers, ffn, max_len=16, num_outputs=outputs,
                                 dropout=0.0, norm=norm)
-  params = torch_encoder_to_params(*torch_parts)
   shapes = jax.eval_shape(model.init, jax.random.key(0), tokens, lengths)["params"]
+  params = torch_encoder_to_params(*torch_parts, shapes)
   assert jax.tree.structure(shapes) == jax.tree.structure(params)
   assert all(a.shape == b.shape for a, b in zip(jax.tree.leaves(shapes), jax.tree.leaves(params)))
   ours = jax.jit(model.apply)({"params": params}, tokens, lengths)

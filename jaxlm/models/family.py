@@ -12,7 +12,9 @@ family, instead of being guessed from parameter names:
 - `graft_maps`: named assignment maps (jaxlm/graft.py) and `default_graft_map` to pick one from
   the source and target runs;
 - `decays(path, leaf)`: which leaves weight decay applies to (by rule: arrays of rank >= 2, i.e.
-  kernels and embeddings, never biases or LayerNorm scales).
+  kernels and embeddings, never biases or LayerNorm scales);
+- `torch_names` and `torch_architecture(model_cfg, vocab_size)`: its PyTorch counterpart (the
+  state_dict name of every param and the torch modules' arguments), for jaxlm/interop.py.
 
 A family is one file (jaxlm/models/lstm_family.py, jaxlm/models/transformer_family.py) plus one line
 in `jaxlm.models.FAMILIES`.
@@ -42,6 +44,12 @@ CLASSIFIER_TO_CLASSIFIER = [
     (r"^head/.*", None),
     (r"^(.*)$", r"\1"),
 ]
+
+
+def torch_linear(path: str, torch_name: str, weight: str = "kernel") -> list[tuple[str, str]]:
+  """`torch_names` rules of one flax module (`kernel`/`scale`/`embedding` and `bias`) that is one
+  torch module (`weight` and `bias`): nn.Dense <-> nn.Linear, nn.LayerNorm <-> nn.LayerNorm."""
+  return [(rf"^{path}/{weight}$", f"{torch_name}.weight"), (rf"^{path}/bias$", f"{torch_name}.bias")]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +94,11 @@ class ModelFamily:
   group_rules: Sequence[tuple[str, str]] = ()
   graft_maps: Mapping[str, Sequence[tuple[str, str | None]]] = {
       "classifier_to_classifier": CLASSIFIER_TO_CLASSIFIER}
+  # PyTorch state_dict names of the params, for safetensors export and import (jaxlm/interop.py):
+  # `(regex on the path, name)` rules, first match wins, `\1` works. A tuple of names lists the
+  # ones an import accepts, the first being what export writes. Leaves named `kernel` (flax's
+  # [in, out]) are transposed into torch's [out, in]. Empty: no PyTorch counterpart.
+  torch_names: Sequence[tuple[str, str | tuple[str, ...]]] = ()
 
   # -- config ------------------------------------------------------------------------------
   def fields(self, model_name: str) -> dict[str, Any]:
@@ -152,6 +165,11 @@ class ModelFamily:
       raise ConfigError(f"config.finetune.graft_map={name!r} is not one of the {self.name} family's "
                         f"graft maps: {', '.join(self.graft_maps)}")
     return self.graft_maps[name]
+
+  def torch_architecture(self, model_cfg, vocab_size: int) -> dict:
+    """Constructor arguments of the equivalent PyTorch modules: what an export's config.json
+    tells a PyTorch user (jaxlm.interop.build_torch_model builds from them)."""
+    raise ConfigError(f"the {self.name} family has no PyTorch counterpart to export to")
 
   def default_graft_map(self, source_cfg, target_cfg) -> str:
     """The graft map for a source run's config into a target config, chosen from their tasks."""

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jaxlm.errors import ConfigError
 from jaxlm.models.classifiers import POOLINGS
 from jaxlm.models.family import CLASSIFIER_TO_CLASSIFIER, ModelFamily
+from jaxlm.models.family import torch_linear
 from jaxlm.models.lm import OUTPUTS
 from jaxlm.models.lstm import IMPLS
 
@@ -27,6 +28,22 @@ LM_TO_BIDIRECTIONAL = [
     (r"^embed/(.*)", r"embed/\1"),
     (r"^encoder/(layer_\d+)/(.*)", r"encoder/\1/fwd/\2"),
     (r"^decoder/.*", None),
+]
+
+# PyTorch names (jaxlm/interop.py): nn.Embedding `embedding`, nn.LSTM `lstm` (gate order i, f, g, o
+# as here; a bidirectional layer's `bwd` is torch's `_reverse`), the LM's nn.Linear `decoder` (tied:
+# its weight is the embedding, which safetensors.torch.save_model stores as decoder.weight alone;
+# `proj` maps hidden_size to embed_dim first when they differ) or the classifier's nn.Linear
+# `head`, for an MLP head nn.Sequential(Linear, ReLU, Dropout, Linear): `head.0`, `head.3`.
+TORCH_NAMES = [
+    (r"^embed/embedding$", ("embedding.weight", "decoder.weight")),
+    (r"^encoder/layer_(\d+)/(?:fwd/)?(ih|hh)/kernel$", r"lstm.weight_\2_l\1"),
+    (r"^encoder/layer_(\d+)/(?:fwd/)?(ih|hh)/bias$", r"lstm.bias_\2_l\1"),
+    (r"^encoder/layer_(\d+)/bwd/(ih|hh)/kernel$", r"lstm.weight_\2_l\1_reverse"),
+    (r"^encoder/layer_(\d+)/bwd/(ih|hh)/bias$", r"lstm.bias_\2_l\1_reverse"),
+    (r"^decoder/proj/kernel$", "proj.weight"),
+    *torch_linear("decoder", "decoder"), *torch_linear("head/hidden", "head.0"),
+    *torch_linear("head/out", "head.3"), *torch_linear("head", "head"),
 ]
 
 _SHARED = dict(embed_dim=128, hidden_size=256, num_layers=2, dropout_embed=0.1, dropout_hidden=0.2,
@@ -45,6 +62,7 @@ class LSTMFamily(ModelFamily):
   )
   graft_maps = {"lm_to_classifier": LM_TO_CLASSIFIER, "lm_to_bidirectional": LM_TO_BIDIRECTIONAL,
                 "classifier_to_classifier": CLASSIFIER_TO_CLASSIFIER}
+  torch_names = TORCH_NAMES
 
   def fields(self, model_name):
     if model_name == "lstm_lm":
@@ -100,3 +118,24 @@ class LSTMFamily(ModelFamily):
     if name == "lm_to_classifier" and target_cfg.model.get("bidirectional", False):
       return "lm_to_bidirectional"
     return name
+
+  def torch_architecture(self, model_cfg, vocab_size):
+    cfg = model_cfg
+    if cfg.name == "lstm_lm" and cfg.output == "adaptive":
+      raise ConfigError("config.model.output='adaptive' has no PyTorch counterpart to export to "
+                        "(nn.AdaptiveLogSoftmaxWithLoss has no tail biases); export a full or "
+                        "sampled LM")
+    bidirectional = bool(cfg.get("bidirectional", False))
+    arch = dict(embedding=dict(num_embeddings=vocab_size, embedding_dim=cfg.embed_dim),
+                lstm=dict(input_size=cfg.embed_dim, hidden_size=cfg.hidden_size,
+                          num_layers=cfg.num_layers, batch_first=True, bidirectional=bidirectional,
+                          dropout=cfg.dropout_hidden if cfg.num_layers > 1 else 0.0))
+    if cfg.name == "lstm_lm":  # a sampled LM is a full softmax at evaluation: the same Linear
+      proj = cfg.tie_weights and cfg.hidden_size != cfg.embed_dim
+      return dict(arch, module="lstm_lm", tie_weights=cfg.tie_weights, proj=proj,
+                  decoder=dict(in_features=cfg.embed_dim if cfg.tie_weights else cfg.hidden_size,
+                               out_features=vocab_size))
+    width = cfg.hidden_size * (2 if bidirectional else 1) * (3 if cfg.pooling == "concat" else 1)
+    return dict(arch, module="lstm_classifier", pooling=cfg.pooling, features=width,
+                head_hidden=cfg.head_hidden, dropout_output=cfg.dropout_output,
+                num_outputs=1 if cfg.loss == "bce" else cfg.num_classes)

@@ -9,6 +9,28 @@ from __future__ import annotations
 
 from jaxlm.errors import ConfigError
 from jaxlm.models.family import CLASSIFIER_TO_CLASSIFIER, ModelFamily
+from jaxlm.models.family import torch_linear
+
+
+# PyTorch names (jaxlm/interop.py): nn.Embedding `embedding` (and `pos_embedding` for learned
+# positions), the CLS vector `cls_token`, nn.TransformerEncoder `encoder` (the fused QKV kernel is
+# in_proj_weight transposed; norm1/norm2 are norm_attn/norm_ffn; pre-norm's final LayerNorm is
+# `encoder.norm`) and nn.Linear `head`.
+_LAYER = r"encoder/layer_(\d+)"
+TORCH_NAMES = [
+    (r"^embed/embedding$", "embedding.weight"),
+    (r"^pos_embed/embedding$", "pos_embedding.weight"),
+    (r"^cls$", "cls_token"),
+    (rf"^{_LAYER}/attn/qkv/kernel$", r"encoder.layers.\1.self_attn.in_proj_weight"),
+    (rf"^{_LAYER}/attn/qkv/bias$", r"encoder.layers.\1.self_attn.in_proj_bias"),
+    *torch_linear(f"{_LAYER}/attn/out", r"encoder.layers.\1.self_attn.out_proj"),
+    *torch_linear(f"{_LAYER}/ffn_in", r"encoder.layers.\1.linear1"),
+    *torch_linear(f"{_LAYER}/ffn_out", r"encoder.layers.\1.linear2"),
+    *torch_linear(f"{_LAYER}/norm_attn", r"encoder.layers.\1.norm1", weight="scale"),
+    *torch_linear(f"{_LAYER}/norm_ffn", r"encoder.layers.\1.norm2", weight="scale"),
+    *torch_linear("encoder/final_norm", "encoder.norm", weight="scale"),
+    *torch_linear("head", "head"),
+]
 
 
 class TransformerFamily(ModelFamily):
@@ -20,6 +42,7 @@ class TransformerFamily(ModelFamily):
       (r"^encoder/final_norm/|^head/", "head"),
   )
   graft_maps = {"classifier_to_classifier": CLASSIFIER_TO_CLASSIFIER}
+  torch_names = TORCH_NAMES
 
   def fields(self, model_name):
     return dict(
@@ -67,3 +90,17 @@ class TransformerFamily(ModelFamily):
         num_outputs=1 if cfg.loss == "bce" else cfg.num_classes, dropout=cfg.dropout,
         attention_dropout=cfg.attention_dropout, positional=cfg.positional, norm=cfg.norm,
         pooling=cfg.pooling, activation=cfg.activation)
+
+  def torch_architecture(self, model_cfg, vocab_size):
+    """nn.TransformerEncoderLayer's dropout is also its attention dropout; both are off in
+    evaluation, where the two models agree."""
+    cfg = model_cfg
+    return dict(module="transformer_classifier",
+                embedding=dict(num_embeddings=vocab_size, embedding_dim=cfg.d_model),
+                encoder_layer=dict(d_model=cfg.d_model, nhead=cfg.num_heads,
+                                   dim_feedforward=cfg.ffn_dim, dropout=cfg.dropout,
+                                   activation=cfg.activation, layer_norm_eps=1e-5,
+                                   batch_first=True, norm_first=cfg.norm == "pre"),
+                num_layers=cfg.num_layers, final_norm=cfg.norm == "pre",
+                positional=cfg.positional, positions=cfg.max_len + (cfg.pooling == "cls"),
+                pooling=cfg.pooling, num_outputs=1 if cfg.loss == "bce" else cfg.num_classes)
