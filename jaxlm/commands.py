@@ -6,6 +6,7 @@ workdir that already holds checkpoints is resumed, with the tokenizer saved in i
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import time
@@ -19,8 +20,23 @@ from jaxlm.errors import ConfigError, GraftError
 from jaxlm.train import loop, steps, strategies
 
 
+_verbose = True  # the CLI prints its progress lines; the Python API turns them off (`verbosity`)
+
+
+@contextlib.contextmanager
+def verbosity(verbose: bool):
+  """Whether commands (and the training loop under them) print their progress lines while inside:
+  the Python API (jaxlm/api.py) runs them quietly and returns what they would have printed."""
+  global _verbose
+  before, _verbose = _verbose, bool(verbose)
+  try:
+    yield
+  finally:
+    _verbose = before
+
+
 def _log(msg: str) -> None:
-  if distributed.is_primary():  # a multi-host run prints once (jaxlm/distributed.py)
+  if _verbose and distributed.is_primary():  # a multi-host run prints once (jaxlm/distributed.py)
     print(msg, flush=True)
 
 
@@ -188,7 +204,7 @@ def _train_locked(config, workdir, task, resuming, init_params, graft_map, progr
        f"{jax.devices()[0].platform} device(s)")
   state, result = loop.fit(config=config, state=state, batches=task.train_batches, hooks=hooks,
                            checkpointer=ckpt, writer=writer, devices=devices, meta=meta,
-                           carry=carry, progress=progress)
+                           carry=carry, progress=progress, verbose=_verbose)
   writer.plot(workdir / "metrics.png", ["loss", task.kind.plot_metric])
   ckpt.close()
   return {"task": task, "state": state, "result": result, "devices": devices,
@@ -413,6 +429,15 @@ def predict(workdir, texts, *, which="best", step=None) -> list[dict]:
   config, tokenizer, model, params = _load_run(workdir, which, step)
   if config.task != "classifier":
     raise ConfigError(f"{workdir} holds a {config.task} run; predict needs a classifier workdir")
+  out = classify(config, tokenizer, model, params, texts)
+  for row in out:
+    print(_json_line(row), flush=True)
+  return out
+
+
+def classify(config, tokenizer, model, params, texts) -> list[dict]:
+  """`{"text", "label", "probability"}` for each text, in order: what `predict` prints, for a run
+  already in memory (`jaxlm.load(workdir).predict`)."""
   texts = list(texts)
   if not texts:
     return []
@@ -437,7 +462,6 @@ def predict(workdir, texts, *, which="best", step=None) -> list[dict]:
   for text, row in zip(texts, probs):
     label = int(np.argmax(row))
     out.append({"text": text, "label": label, "probability": float(row[label])})
-    print(_json_line(out[-1]), flush=True)
   return out
 
 

@@ -21,6 +21,8 @@ import math
 import os
 import pathlib
 import statistics
+import sys
+import types
 
 from jaxlm import baseline, checkpoint, commands, config as config_lib, distributed, files, metrics
 from jaxlm.errors import CheckpointError, ConfigError
@@ -144,8 +146,7 @@ def _write_results(workdir: pathlib.Path, result: dict, table: str) -> None:
 
 
 def _log(msg: str) -> None:
-  if distributed.is_primary():
-    print(msg, flush=True)
+  commands._log(msg)  # quiet under commands.verbosity(False), as the Python API runs it
 
 
 # --- checks before any training ---------------------------------------------------------------
@@ -333,11 +334,10 @@ def format_markdown(result: dict) -> str:
 
 def _plot(result: dict, path: pathlib.Path) -> None:
   """compare.png: validation loss and accuracy of every arm against epoch, written atomically."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   import matplotlib.ticker
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  from matplotlib.figure import Figure  # not pyplot: a notebook's backend stays as it was
+  fig = Figure(figsize=(11, 4))
+  axes = fig.subplots(1, 2)
   for ax, key, title in ((axes[0], "loss", "validation loss"),
                          (axes[1], "accuracy", "validation accuracy")):
     for arm in result["arms"]:
@@ -354,5 +354,17 @@ def _plot(result: dict, path: pathlib.Path) -> None:
   fig.tight_layout()
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=100)
-  plt.close(fig)
   files.atomic_write(path, buffer.getvalue())
+
+
+class _CallableModule(types.ModuleType):
+  """`jaxlm.compare(...)` is the Python API's `compare` (jaxlm/api.py), though `jaxlm.compare` is
+  this module: importing a submodule sets the package's attribute of that name, so a function
+  `jaxlm.compare` would be replaced by the module as soon as anything imported it."""
+
+  def __call__(self, *args, **kwargs):
+    from jaxlm import api
+    return api.compare(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -162,10 +162,11 @@ class MetricsWriter:
     keys = [k for k in keys if any(k in r for r in records)]
     if not keys:
       return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+    # A bare Figure, not pyplot: writing a PNG must not switch the backend of the process (a
+    # notebook's inline plots) as matplotlib.use("Agg") would.
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(5 * len(keys), 3.5))
+    axes = fig.subplots(1, len(keys), squeeze=False)
     for ax, key in zip(axes[0], keys):
       for split in sorted({r.get("split", "train") for r in records}):
         points = [(r["step"], r[key]) for r in records
@@ -182,7 +183,6 @@ class MetricsWriter:
     png_path = pathlib.Path(png_path)
     tmp = png_path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     os.replace(tmp, png_path)
     return png_path
 

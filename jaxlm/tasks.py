@@ -57,6 +57,13 @@ class TaskKind:
     """Metrics of `params` on `split` of the config's source, from the config alone (no train
     data is read): what `jaxlm evaluate` and the end-of-run test pass share."""
     records = read_split(config, split, labeled=self.labeled, max_examples=max_examples)
+    return self.evaluate_records(config, tokenizer, model, params, devices, records,
+                                 eval_step=eval_step)
+
+  def evaluate_records(self, config, tokenizer, model, params, devices, records: list, *,
+                       eval_step=None) -> dict:
+    """Metrics of `params` on `records` (a split's, or the texts given to
+    `jaxlm.load(workdir).perplexity`)."""
     batches = self.batches(config, tokenizer, records, shuffle=False, seed=0,
                            batch_size=config.data.eval_batch_size)
     eval_step = eval_step or steps.make_eval_step(self.loss(config, model))

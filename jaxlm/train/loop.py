@@ -74,7 +74,8 @@ class Hooks:
 
 
 def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_lib.MetricsWriter,
-        devices: Devices, meta: dict | None = None, carry: Any = None, progress: bool = True):
+        devices: Devices, meta: dict | None = None, carry: Any = None, progress: bool = True,
+        verbose: bool = True):
   """Trains until config.train.num_epochs (or max_steps); returns (state, last eval metrics).
 
   `meta` is what the checkpoint restored (epoch, data position); None starts from scratch.
@@ -108,8 +109,8 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
   primary = distributed.is_primary()
   progress = progress and primary
 
-  def say(message: str) -> None:
-    if primary:
+  def say(message: str) -> None:  # `verbose=False` (the Python API): the bars only
+    if primary and verbose:
       bar.write(message)
 
   def due(every: int, epoch_done: bool) -> bool:  # every == 0: at the end of each epoch only
