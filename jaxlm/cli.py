@@ -4,8 +4,8 @@
     jaxlm pretrain   --config imdb_lm --workdir DIR [--config.data.source=jsonl:DIR]
     jaxlm finetune   --config imdb_sentiment_net --init-from LM_WORKDIR --workdir DIR
     jaxlm compare    --config FILE --init-from LM_WORKDIR --workdir DIR [--strategies scratch,full,head,top_k=1,gradual]
-    jaxlm evaluate   --workdir DIR [--split test] [--which best|latest | --step N]
-    jaxlm predict    --workdir DIR [TEXT ...]        (one text per line on stdin without TEXT)
+    jaxlm evaluate   --workdir DIR[,DIR2...] [--split test] [--which best|latest | --step N]
+    jaxlm predict    --workdir DIR[,DIR2...] [TEXT ...]   (one text per line on stdin without TEXT)
     jaxlm export     WORKDIR --format safetensors [--out DIR] [--which best|latest | --step N]
     jaxlm inspect    PATH [--strategy S [--epoch E]] [--diff OTHER] [--step N | --which W] [--json]
 
@@ -14,7 +14,9 @@ Configs follow the ml_collections convention of the Flax examples: `--config FIL
 (`imdb_lm`, `quickstart:pretrain`; jaxlm.config.get_config). `--distributed` (pretrain, finetune,
 compare) runs one process per host of a TPU pod slice or GPU cluster as one data-parallel run
 (README, "Multi-host"). `inspect` takes a workdir, WORKDIR/checkpoints/N, a config file or name
-(or `--config` with overrides). Errors a user can cause print one line and exit with status 2.
+(or `--config` with overrides). `evaluate` and `predict` with several comma-separated classifier
+workdirs average their probabilities (an ensemble, e.g. a forward and a backward model). Errors a
+user can cause print one line and exit with status 2.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from jaxlm import checkpoint, config as config_lib, graft, metrics, params as params_lib
-from jaxlm import baseline, batching, distributed, files, tasks, tokenizers
+from jaxlm import baseline, distributed, files, tasks, tokenizers
 from jaxlm.errors import ConfigError, GraftError
 from jaxlm.train import loop, steps, strategies
 
@@ -398,7 +398,18 @@ def evaluate(workdir, *, split="test", which="best", max_examples=0, step=None) 
   `max_examples` > 0: a seeded random subset of the split (the same one for the same number).
   `step`: that checkpoint instead of the `which` one; if it is damaged that is the error, where
   `which` falls back to the newest step that loads.
+  Several classifier workdirs (`A,B` or a list) are evaluated as an ensemble (jaxlm/ensemble.py).
   """
+  from jaxlm import ensemble
+  if len(ensemble.members(workdir)) > 1:
+    if step is not None:
+      raise ConfigError("--step names one checkpoint; an ensemble uses each member's --which one")
+    out = ensemble.evaluate(workdir, split=split, which=which, max_examples=max_examples)
+    for m in out["members"]:
+      _log(f"  member {m['workdir']}: accuracy {m['accuracy']:.4f}, loss {m['loss']:.4f}")
+    _log(f"{split}: ensemble of {len(out['members'])}: accuracy {out['accuracy']:.4f}, loss "
+         f"{out['loss']:.4f} on {int(out['count']):,} examples")
+    return out
   config, tokenizer, model, params = _load_run(workdir, which, step)
   kind = tasks.TASKS[config.task]
   out = kind.evaluate(config, tokenizer, model, params, loop.Devices.create(1), split,
@@ -425,11 +436,20 @@ def _json_line(obj) -> str:
 
 def predict(workdir, texts, *, which="best", step=None) -> list[dict]:
   """Label and probability for each text, one JSON line each and in order (an empty text too),
-  from the workdir alone."""
-  config, tokenizer, model, params = _load_run(workdir, which, step)
-  if config.task != "classifier":
-    raise ConfigError(f"{workdir} holds a {config.task} run; predict needs a classifier workdir")
-  out = classify(config, tokenizer, model, params, texts)
+  from the workdir alone; several workdirs (`A,B`) average their probabilities (an ensemble)."""
+  from jaxlm import ensemble
+  if len(ensemble.members(workdir)) > 1:
+    if step is not None:
+      raise ConfigError("--step names one checkpoint; an ensemble uses each member's --which one")
+    texts = list(texts)
+    probs, _ = ensemble.probabilities(workdir, texts, which=which)
+    out = [{"text": t, "label": int(np.argmax(r)), "probability": float(np.max(r))}
+           for t, r in zip(texts, probs)]
+  else:
+    config, tokenizer, model, params = _load_run(workdir, which, step)
+    if config.task != "classifier":
+      raise ConfigError(f"{workdir} holds a {config.task} run; predict needs a classifier workdir")
+    out = classify(config, tokenizer, model, params, texts)
   for row in out:
     print(_json_line(row), flush=True)
   return out
@@ -439,16 +459,27 @@ def classify(config, tokenizer, model, params, texts) -> list[dict]:
   """`{"text", "label", "probability"}` for each text, in order: what `predict` prints, for a run
   already in memory (`jaxlm.load(workdir).predict`)."""
   texts = list(texts)
-  if not texts:
-    return []
-  ids = tasks.encode(config, tokenizer, texts)
-  # Same bucketed shapes as evaluation: one jitted forward per bucket, not one per text length.
-  batches = batching.ClassificationBatches(
-      ids, np.zeros(len(ids), np.int32), batch_size=config.data.eval_batch_size,
-      buckets=tuple(config.data.buckets), max_len=config.data.max_len, pad_id=tokenizer.pad_id,
-      shuffle=False, seed=0, include_index=True)
-  forward = jax.jit(lambda p, tokens, lengths: model.apply({"params": p}, tokens, lengths))
+  probs = class_probabilities(config, tokenizer, model, params, texts)
+  out = []
+  for text, row in zip(texts, probs):
+    label = int(np.argmax(row))
+    out.append({"text": text, "label": label, "probability": float(row[label])})
+  return out
+
+
+def class_probabilities(config, tokenizer, model, params, texts) -> np.ndarray:
+  """[len(texts), classes] float64 probabilities, rows in the order of `texts`, the texts read as
+  training read them (the run's tokenizer, data.reverse, data.truncate, max_len)."""
+  texts = list(texts)
   probs = np.zeros((len(texts), max(2, config.model.num_classes)), np.float64)
+  if not texts:
+    return probs
+  from jaxlm.data.sources import Record
+  # Same bucketed shapes as evaluation: one jitted forward per bucket, not one per text length.
+  batches = tasks.classification_batches(config, tokenizer, [Record(t, 0) for t in texts],
+                                         shuffle=False, seed=0,
+                                         batch_size=config.data.eval_batch_size, include_index=True)
+  forward = jax.jit(lambda p, tokens, lengths: model.apply({"params": p}, tokens, lengths))
   for batch in batches.epoch_batches():
     logits = np.asarray(forward(params, batch["tokens"], batch["lengths"]), np.float64)
     if config.model.loss == "bce":
@@ -458,11 +489,7 @@ def classify(config, tokenizer, model, params, texts) -> list[dict]:
       batch_probs = np.asarray(jax.nn.softmax(logits, axis=-1))
     real = batch["index"] >= 0
     probs[batch["index"][real]] = batch_probs[real]
-  out = []
-  for text, row in zip(texts, probs):
-    label = int(np.argmax(row))
-    out.append({"text": text, "label": label, "probability": float(row[label])})
-  return out
+  return probs
 
 
 def inspect(config=None, workdir=None, *, path=None, **options) -> dict:

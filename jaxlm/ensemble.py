@@ -1,0 +1,75 @@
+"""Ensembles of classifier workdirs: their class probabilities averaged, text by text.
+
+ULMFiT's best IMDB figure averages a forward and a backward classifier (each fine-tuned from its
+own LM, `data.reverse`); any classifiers of the same classes combine the same way. Each member
+reads the text as it was trained to (its own tokenizer, direction and truncation), so a forward
+word-level model and a backward SentencePiece one are a valid pair.
+
+`jaxlm evaluate --workdir A,B` and `jaxlm predict --workdir A,B` (or a list of workdirs from
+Python) use this module; one workdir is the plain single-model path.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from jaxlm import checkpoint, tasks
+from jaxlm.errors import ConfigError
+
+
+def members(workdirs) -> list[pathlib.Path]:
+  """`A,B` or a list -> paths; at least one."""
+  if isinstance(workdirs, (str, pathlib.Path)):
+    workdirs = [w for w in str(workdirs).split(",") if w.strip()]
+  paths = [pathlib.Path(str(w).strip()) for w in workdirs]
+  if not paths:
+    raise ConfigError("an ensemble needs at least one workdir")
+  return paths
+
+
+def _check_compatible(configs: list, paths: list[pathlib.Path]) -> None:
+  first = configs[0]
+  for config, path in zip(configs, paths):
+    if config.task != "classifier":
+      raise ConfigError(f"{path} holds a {config.task} run; an ensemble averages classifiers")
+    if config.model.num_classes != first.model.num_classes:
+      raise ConfigError(f"{path} has {config.model.num_classes} classes, {paths[0]} has "
+                        f"{first.model.num_classes}: an ensemble's members must share their classes")
+
+
+def probabilities(workdirs, texts, *, which: str = "best") -> tuple[np.ndarray, list[np.ndarray]]:
+  """(mean over members, each member's) [len(texts), classes] probabilities."""
+  from jaxlm import commands
+  paths = members(workdirs)
+  _check_compatible([checkpoint.load_config(p) for p in paths], paths)
+  each = []
+  for path in paths:
+    config, tokenizer, model, params = commands._load_run(path, which)
+    each.append(commands.class_probabilities(config, tokenizer, model, params, texts))
+  return np.mean(each, axis=0), each
+
+
+def evaluate(workdirs, *, split: str = "test", which: str = "best", max_examples: int = 0) -> dict:
+  """Accuracy, log loss and confusion of the averaged probabilities on `split` of the first
+  member's data source (every member's own accuracy beside it)."""
+  paths = members(workdirs)
+  configs = [checkpoint.load_config(p) for p in paths]
+  _check_compatible(configs, paths)
+  records = tasks.read_split(configs[0], split, labeled=True, max_examples=max_examples)
+  labels = np.array([r.label for r in records])
+  mean, each = probabilities(paths, [r.text for r in records], which=which)
+  out = _scores(mean, labels)
+  out["members"] = [dict(workdir=str(p), **{k: v for k, v in _scores(m, labels).items()
+                                            if k != "confusion"}) for p, m in zip(paths, each)]
+  return out
+
+
+def _scores(probs: np.ndarray, labels: np.ndarray) -> dict:
+  k = probs.shape[1]
+  predicted = np.argmax(probs, axis=1)
+  confusion = np.zeros((k, k), int)
+  np.add.at(confusion, (labels, predicted), 1)
+  picked = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
+  return {"accuracy": float(np.mean(predicted == labels)), "loss": float(-np.mean(np.log(picked))),
+          "count": float(len(labels)), "confusion": confusion.tolist()}
