@@ -1,0 +1,144 @@
+"""Does pretraining pay where labels are few? ULMFiT's sample-efficiency study, with jaxlm.
+
+For each labelled-set size (default 100, 1,000, 5,000 IMDB reviews; a seeded subset of the train
+split, `data.num_labeled`) and seed, two arms are fine-tuned with the *same* recipe search:
+  * `pretrained` - grafted from the LM in `--lm` (`jaxlm finetune --init-from`);
+  * `scratch`    - the same architecture and tokenizer from random weights (`tokenizer_from`),
+and a linear n-gram model (jaxlm/baseline.py) is trained on the same labelled reviews.
+
+The search: every recipe of the size's grid (learning rate x strategy; epochs scaled to the size)
+is trained; each arm keeps the recipe with the best validation accuracy (its validation set is
+a `--valid-fraction` hold-out of the labelled subset itself, all a user with N labels has), and only
+that run is scored on the test split (`--test-examples`, 0 = all 25,000 reviews). During the search
+each run is tested on a small seeded subset only, to save CPU.
+
+Every run is a workdir under `--workdir`, so rerunning the same command skips finished runs and
+resumes an interrupted one. Results: `sample_efficiency.md` and `.json` in `--workdir`.
+
+    python scripts/sample_efficiency.py --lm runs/imdb_lm --config configs/imdb_ulmfit.py \
+        --source jsonl:PATH/imdb --workdir runs/sample_efficiency
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+# Epochs per size: about the same number of steps for the small sets, fewer passes over large ones.
+EPOCHS = {100: 30, 1000: 12, 5000: 6}
+
+
+def recipes(size: int, rates: list[float], epochs: int = 0) -> list[dict]:
+  epochs = epochs or EPOCHS.get(size) or min(30, max(3, round(30_000 / max(size, 1))))
+  out = []
+  for lr in rates:
+    out.append({"name": f"full_lr{lr:g}", "optim.learning_rate": lr,
+                "finetune.strategy": "full", "finetune.discriminative_decay": 1.0,
+                "train.num_epochs": epochs})
+    out.append({"name": f"gradual_lr{lr:g}", "optim.learning_rate": lr,
+                "finetune.strategy": "gradual", "finetune.discriminative_decay": 2.6,
+                "train.num_epochs": epochs})
+  return out
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--lm", required=True, help="pretrained LM workdir (or export) to graft from")
+  parser.add_argument("--config", required=True, help="classifier config (file or shipped name)")
+  parser.add_argument("--source", default=None, help="data.source override, e.g. jsonl:PATH/imdb")
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--sizes", default="100,1000,5000")
+  parser.add_argument("--seeds", default="0")
+  parser.add_argument("--rates", default="1e-3,4e-3", help="learning rates of the recipe grid")
+  parser.add_argument("--epochs", type=int, default=0, help="epochs of every recipe (0: by size)")
+  parser.add_argument("--valid-fraction", type=float, default=0.2)
+  parser.add_argument("--search-test-examples", type=int, default=500)
+  parser.add_argument("--test-examples", type=int, default=0, help="0 = the whole test split")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="extra config override for every run (repeatable)")
+  args = parser.parse_args(argv)
+
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's routine notices, as the CLI does
+  import jaxlm
+  from jaxlm import baseline, commands
+  root = pathlib.Path(args.workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  extra = dict(_parse_set(s) for s in args.set)
+  if args.source:
+    extra["data.source"] = args.source
+  rates = [float(r) for r in args.rates.split(",")]
+  rows = []
+  for size in (int(s) for s in args.sizes.split(",")):
+    for seed in (int(s) for s in args.seeds.split(",")):
+      base = {**extra, "data.num_labeled": size, "train.seed": seed,
+              "data.valid_fraction": args.valid_fraction,
+              "data.test_max_examples": args.search_test_examples,
+              "finetune.select_metric": "accuracy"}  # each run's best epoch, and the search, by it
+      row = {"labels": size, "seed": seed}
+      for arm in ("pretrained", "scratch"):
+        tried = []
+        for recipe in recipes(size, rates, args.epochs):
+          workdir = root / f"n{size}_s{seed}" / f"{arm}_{recipe['name']}"
+          overrides = {**base, **{k: v for k, v in recipe.items() if k != "name"}}
+          config = jaxlm.get_config(args.config, overrides)
+          t0 = time.perf_counter()
+          summary = _finished(workdir) or commands.finetune(
+              config, workdir, progress=False,
+              init_from=args.lm if arm == "pretrained" else None,
+              tokenizer_from=None if arm == "pretrained" else args.lm)
+          tried.append({"recipe": recipe["name"], "workdir": str(workdir),
+                        "valid_accuracy": _best_valid(summary),
+                        "train_seconds": summary["train_seconds"],
+                        "wall_seconds": time.perf_counter() - t0})
+          print(f"n={size} seed={seed} {arm} {recipe['name']}: valid "
+                f"{tried[-1]['valid_accuracy']:.4f}", flush=True)
+        best = max(tried, key=lambda t: t["valid_accuracy"])
+        test = commands.evaluate(best["workdir"], split="test", max_examples=args.test_examples)
+        row[arm] = {**best, "test_accuracy": test["accuracy"], "test_examples": int(test["count"]),
+                    "tried": tried}
+      config = jaxlm.get_config(args.config, {**base, "data.test_max_examples": args.test_examples})
+      row["linear"] = baseline.for_config(config)
+      rows.append(row)
+      _write(root, rows, args)
+  print((root / "sample_efficiency.md").read_text())
+  return 0
+
+
+def _parse_set(text: str):
+  key, _, value = text.partition("=")
+  try:
+    return key, json.loads(value)
+  except json.JSONDecodeError:
+    return key, value
+
+
+def _finished(workdir: pathlib.Path) -> dict | None:
+  path = workdir / "summary.json"
+  return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _best_valid(summary: dict) -> float:
+  best = summary.get("best_valid")  # {"value": accuracy, "loss", "step", "epoch"}
+  return float(best["value"]) if best else 0.0
+
+
+def _write(root: pathlib.Path, rows: list[dict], args) -> None:
+  (root / "sample_efficiency.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+  lines = ["| labels | seed | pretrained LM | recipe | from scratch | recipe | linear n-grams | "
+           "pretrained - scratch |", "|--:|--:|--:|---|--:|---|--:|--:|"]
+  for r in rows:
+    pre, scr, lin = r["pretrained"], r["scratch"], r["linear"]
+    lin_acc = f"{100 * lin['accuracy']:.2f}%" if "accuracy" in lin else lin.get("skipped", "-")
+    lines.append(f"| {r['labels']:,} | {r['seed']} | {100 * pre['test_accuracy']:.2f}% | "
+                 f"{pre['recipe']} | {100 * scr['test_accuracy']:.2f}% | {scr['recipe']} | {lin_acc} | "
+                 f"{100 * (pre['test_accuracy'] - scr['test_accuracy']):+.2f} |")
+  (root / "sample_efficiency.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+  sys.exit(main())
