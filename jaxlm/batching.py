@@ -110,10 +110,16 @@ class ResumableBatches:
     if self.num_batches_per_epoch == 0:
       raise StopIteration
     batch = self.batch(self.epoch, self.index)
+    self.advance()
+    return batch
+
+  def advance(self) -> None:
+    """Moves the position past the next batch without building it: for a prefetcher
+    (jaxlm/train/prefetch.py) that built it ahead with `batch()`, so the position, and with it
+    the checkpointed state, names the batches consumed, not the ones prepared."""
     self.index += 1
     if self.index >= self.num_batches_per_epoch:
       self.epoch, self.index = self.epoch + 1, 0
-    return batch
 
   def _epoch_plan(self, epoch: int):
     cached_epoch, plan = self._cached_plan

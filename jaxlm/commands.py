@@ -49,7 +49,7 @@ def _latest_step(workdir: pathlib.Path):
 
 # What a run writes in its workdir; `--overwrite` removes exactly these before starting over.
 RUN_FILES = ("checkpoints", "tokenizer", "config.json", "summary.json", "metrics.jsonl",
-             "metrics.png", "graft_report.txt", "graft_report.json")
+             "metrics.png", "graft_report.txt", "graft_report.json", "tensorboard")
 
 
 def _prepare(config, workdir: pathlib.Path, kinds: tuple[str, ...], tokenizer=None,
@@ -205,7 +205,7 @@ def _train_locked(config, workdir, task, resuming, init_params, graft_map, progr
   state, result = loop.fit(config=config, state=state, batches=task.train_batches, hooks=hooks,
                            checkpointer=ckpt, writer=writer, devices=devices, meta=meta,
                            carry=carry, progress=progress, verbose=_verbose)
-  writer.plot(workdir / "metrics.png", ["loss", task.kind.plot_metric])
+  writer.plot(workdir / "metrics.png", ["loss", task.kind.plot_metric, "learning_rate"])
   ckpt.close()
   return {"task": task, "state": state, "result": result, "devices": devices,
           "eval_step": eval_step, "workdir": workdir, "plan": plan}

@@ -90,6 +90,9 @@ def _train() -> ml_collections.ConfigDict:
       checkpoint_every_minutes=10.0,  # also save when this much time passed since the last save
       on_nonfinite="stop",     # a non-finite loss/grad norm: stop (error) | skip (the batch)
       max_nonfinite_batches=20,  # on_nonfinite=skip: stop after skipping more than this many
+      tensorboard=True,        # also write metrics to {workdir}/tensorboard/ (if tensorboardX is installed)
+      prefetch_batches=2,      # batches a thread prepares (and transfers) ahead of the step; 0 = off
+      sync_every_step=False,   # fetch metrics every step (stops on the exact non-finite step; slower)
   ))
 
 
@@ -259,6 +262,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       raise ConfigError(f"config.{key} must be >= 1, got {_get(config, key)}")
   if not 0.0 <= config.data.valid_fraction < 1.0:
     raise ConfigError(f"config.data.valid_fraction must be in [0, 1), got {config.data.valid_fraction}")
+  if config.train.get("prefetch_batches", 0) < 0:
+    raise ConfigError(f"config.train.prefetch_batches must be >= 0 (0 = off), "
+                      f"got {config.train.prefetch_batches}")
   if config.data.get("test_max_examples", 0) < 0:
     raise ConfigError(f"config.data.test_max_examples must be >= 0 (0 = the whole test split), "
                       f"got {config.data.test_max_examples}")
@@ -272,6 +278,7 @@ RESUMABLE_KEYS = (
     "train.num_epochs", "train.max_steps", "train.eval_every_steps", "train.checkpoint_every_steps",
     "train.checkpoint_every_minutes", "train.log_every_steps", "train.eval_max_batches",
     "train.max_to_keep", "train.num_devices", "train.on_nonfinite", "train.max_nonfinite_batches",
+    "train.tensorboard", "train.prefetch_batches", "train.sync_every_step",  # same numbers either way
     "data.eval_batch_size", "data.test_split", "data.test_max_examples",
     "baseline.kind", "baseline.ngram_max", "baseline.C",  # scored after training, never trained on
 )

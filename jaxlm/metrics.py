@@ -3,6 +3,9 @@
 Train and eval steps return small dicts of *sums* (`loss_sum`, `weight_sum`, `correct`, ...), so
 metrics of batches with padding rows or tokens combine exactly: the mean over real tokens is
 sum(loss) / sum(weights), never a mean of per-batch means.
+
+Train-step metrics stay on the device between logging steps (`StepWindow`): fetching them every
+step would make the host wait for each step before it can dispatch the next one.
 """
 from __future__ import annotations
 
@@ -35,6 +38,33 @@ def accumulate(total: dict | None, batch_metrics: Mapping) -> dict:
   if total is None:
     return batch
   return {k: total[k] + batch[k] for k in total}
+
+
+class StepWindow:
+  """Train-step metrics held as the device arrays the steps returned, until the loop needs numbers.
+
+  `float(x)` or `np.asarray(x)` of a step's output blocks until that step has run, so pulling the
+  metrics of every step to the host serialises host work (the next batch, the next dispatch) with
+  device compute. The loop `add`s each step's metrics with a tag (its step, epoch and batch) and
+  `fetch`es all pending steps in one transfer when it logs, evaluates or saves; the steps' own
+  `nonfinite` flags then tell it which step went wrong.
+  """
+
+  def __init__(self):
+    self._pending: list[tuple[object, Mapping]] = []
+
+  def __len__(self) -> int:
+    return len(self._pending)
+
+  def add(self, tag, batch_metrics: Mapping) -> None:
+    self._pending.append((tag, batch_metrics))
+
+  def fetch(self) -> list[tuple[object, dict]]:
+    """The pending `(tag, metrics as numpy)` in step order; the window is empty afterwards."""
+    import jax
+    pending, self._pending = self._pending, []
+    values = jax.device_get([dict(m) for _, m in pending])  # starts every copy, then waits once
+    return [(tag, m) for (tag, _), m in zip(pending, values)]
 
 
 def summarize(total: Mapping) -> dict:

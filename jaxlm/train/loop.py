@@ -8,6 +8,7 @@ order.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Any, Callable
@@ -16,9 +17,9 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxlm import distributed, metrics as metrics_lib
+from jaxlm import distributed, metrics as metrics_lib, tracking
 from jaxlm.errors import ConfigError, JaxlmError
-from jaxlm.train import signals
+from jaxlm.train import prefetch, signals, strategies
 
 
 class DivergenceError(JaxlmError):
@@ -88,6 +89,16 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
   (up to `train.max_nonfinite_batches`). SIGINT/SIGTERM finish the current step, save, and raise
   `signals.Interrupted`. Checkpoints are also written every `train.checkpoint_every_minutes`, so
   a killed run loses at most that much work whatever its step cadence.
+
+  Throughput: step metrics stay on the device until a step that logs, evaluates or saves
+  (`metrics.StepWindow`), and a thread prepares the next `train.prefetch_batches` batches and their
+  transfer while a step runs (jaxlm/train/prefetch.py), so the host never waits for each step.
+  The non-finite check reads each step's flag at those steps, so a 'stop' may compute up to
+  `log_every_steps - 1` more steps (never saved) before it stops naming the first bad one;
+  `train.sync_every_step=True` fetches every step's metrics at once instead (slower).
+
+  Each train row also has `learning_rate`: the schedule's rate at that step (the top layer
+  group's with discriminative rates); rows also go to TensorBoard (jaxlm/tracking.py).
   """
   tcfg = config.train
   meta = dict(meta or {})
@@ -117,6 +128,20 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
     return epoch_done or step >= max_steps or (every > 0 and step % every == 0)
 
   max_steps = tcfg.max_steps or tcfg.num_epochs * steps_per_epoch
+  # The optimizer's own schedule over the same horizon (jaxlm/commands.py builds it from
+  # config.optim and the run's length too); the top group's multiplier is 1.
+  schedule = strategies.make_schedule(config.optim, max_steps) if "optim" in config else None
+  depth = int(tcfg.get("prefetch_batches", 2))
+  sync_every_step = bool(tcfg.get("sync_every_step", False))
+  window = metrics_lib.StepWindow()
+  last = {}  # the latest fetched step: its grad norm and the schedule count it was applied at
+  # purge_step: TensorBoard hides what an interrupted run logged after this run's checkpoint.
+  board = tracking.TensorBoardWriter.open(writer.path.parent, enabled=tcfg.get("tensorboard", True),
+                                          purge_step=step + 1)
+
+  def emit(record: dict) -> None:
+    writer.write(record)
+    board.write(record)
 
   def save():
     record = {"epoch": batches.epoch, "batches": batches.get_state(), "last_eval": last_eval,
@@ -129,12 +154,13 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
     checkpointer.save(step, state_dict(state, carry), record,
                       metrics=last_eval if improved else None)
     last_saved.update(step=step, time=time.monotonic())
+    board.flush()
 
   def saved_note():
     steps = checkpointer.all_steps()
     return f"last checkpoint: step {steps[-1]}" if steps else "no checkpoint was written yet"
 
-  def diverged(batch_metrics, epoch, index):
+  def diverged(batch_metrics, step, epoch, index):
     return DivergenceError(
         f"step {step}: non-finite loss or gradient norm (grad norm "
         f"{float(batch_metrics['grad_norm']):.4g}) on batch {index + 1} of epoch {epoch + 1}; "
@@ -142,7 +168,31 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
         "Lower config.optim.learning_rate (or raise optim.grad_clip), or set "
         "config.train.on_nonfinite=skip to skip such batches")
 
-  with signals.StopRequest() as stop:
+  def drain():
+    """Fetches the pending steps' metrics (one transfer) into the logging window's sums, in step
+    order, acting on each non-finite batch as the step that met it would have."""
+    nonlocal total, skipped
+    for (at, epoch, index), batch_metrics in window.fetch():
+      # The schedule counts applied updates: a skipped batch left the optimizer state as it was.
+      last.update(grad_norm=float(batch_metrics["grad_norm"]), count=at - 1 - skipped)
+      if float(batch_metrics["nonfinite"]):
+        skipped += 1
+        if on_nonfinite == "stop" or skipped > max_nonfinite:
+          bar.close()
+          checkpointer.wait_until_finished()
+          error = diverged(batch_metrics, at, epoch, index)
+          if on_nonfinite != "stop":
+            error = DivergenceError(f"{skipped} batches skipped for non-finite values (more than "
+                                    f"config.train.max_nonfinite_batches={max_nonfinite}); "
+                                    f"the last: {error}")
+          raise error
+        say(f"step {at}: skipped batch {index + 1} of epoch {epoch + 1} (non-finite "
+            f"loss or gradient norm; {skipped} skipped so far)")
+      total = metrics_lib.accumulate(total, {k: v for k, v in batch_metrics.items()
+                                             if k not in ("grad_norm", "nonfinite")})
+
+  with signals.StopRequest() as stop, contextlib.ExitStack() as cleanup:
+    cleanup.callback(board.close)
     while batches.epoch < tcfg.num_epochs and step < max_steps:
       epoch = batches.epoch
       train_step = hooks.train_step_for_epoch(epoch)
@@ -154,43 +204,36 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
       total, tokens, t0 = None, 0.0, time.perf_counter()
       bar = tqdm(total=steps_per_epoch, initial=batches.index, desc=f"epoch {epoch + 1}/{tcfg.num_epochs}",
                  disable=not progress, dynamic_ncols=True, mininterval=1.0)
-      for batch in batches.iter_epoch(epoch):
+      stream = cleanup.enter_context(prefetch.EpochPrefetch(batches, epoch, devices.shard_batch,
+                                                            depth))
+      for batch, device_batch in stream:
         index = (batches.index - 1) % steps_per_epoch  # this batch's position in its epoch
-        state, batch_metrics, carry = train_step(state, devices.shard_batch(batch), carry)
+        state, batch_metrics, carry = train_step(state, device_batch, carry)
         step += 1
-        if float(batch_metrics["nonfinite"]):
-          skipped += 1
-          if on_nonfinite == "stop" or skipped > max_nonfinite:
-            bar.close()
-            checkpointer.wait_until_finished()
-            error = diverged(batch_metrics, epoch, index)
-            if on_nonfinite != "stop":
-              error = DivergenceError(f"{skipped} batches skipped for non-finite values (more than "
-                                      f"config.train.max_nonfinite_batches={max_nonfinite}); "
-                                      f"the last: {error}")
-            raise error
-          say(f"step {step}: skipped batch {index + 1} of epoch {epoch + 1} (non-finite "
-                    f"loss or gradient norm; {skipped} skipped so far)")
+        window.add((step, epoch, index), batch_metrics)
         epoch_done = batches.epoch != epoch
         tokens += hooks.tokens_in(batch)
-        total = metrics_lib.accumulate(total, {k: v for k, v in batch_metrics.items()
-                                               if k not in ("grad_norm", "nonfinite")})
         bar.update(1)
         # Also at max_steps: a run stopped there must not drop its last, partial logging window.
-        if step % tcfg.log_every_steps == 0 or epoch_done or step >= max_steps:
+        log_due = step % tcfg.log_every_steps == 0 or epoch_done or step >= max_steps
+        eval_due = due(tcfg.eval_every_steps, epoch_done)
+        if sync_every_step or log_due or eval_due:
+          drain()
+        if log_due:
           summary = metrics_lib.summarize(total)
           elapsed = time.perf_counter() - t0
-          summary.update(tokens_per_sec=tokens / max(elapsed, 1e-9),
-                         grad_norm=float(batch_metrics["grad_norm"]))
+          summary.update(tokens_per_sec=tokens / max(elapsed, 1e-9), grad_norm=last["grad_norm"])
+          if schedule is not None:
+            summary["learning_rate"] = float(schedule(last["count"]))
           if skipped:
             summary["skipped_batches"] = skipped
           bar.set_postfix(_postfix(summary, last_eval), refresh=False)
-          writer.write({"step": step, "epoch": epoch + 1, "split": "train", **_scalars(summary)})
+          emit({"step": step, "epoch": epoch + 1, "split": "train", **_scalars(summary)})
           total, tokens, t0 = None, 0.0, time.perf_counter()
-        if due(tcfg.eval_every_steps, epoch_done):
+        if eval_due:
           last_eval = hooks.evaluate(state.params)
           if last_eval:
-            writer.write({"step": step, "epoch": epoch + 1, "split": "valid", **_scalars(last_eval)})
+            emit({"step": step, "epoch": epoch + 1, "split": "valid", **_scalars(last_eval)})
             say(f"step {step}: valid " + ", ".join(f"{k} {v:.4g}" for k, v in _scalars(last_eval).items()
                                                           if k != "count"))
           if hooks.select_metric and last_eval:
@@ -210,6 +253,7 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
         if signum and not stop.signum:
           stop.signum = signum
         if due(tcfg.checkpoint_every_steps, epoch_done) or overdue or signum:
+          drain()  # a checkpoint never holds a state past a non-finite batch that should stop it
           save()
         if signum:
           bar.close()
