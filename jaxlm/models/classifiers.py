@@ -3,6 +3,10 @@
 Submodules `embed` (nn.Embed) and `encoder` (LSTMEncoder) have the language model's names and
 classes, so an LM's weights graft in by path (jaxlm/graft.py); `head` is new.
 
+Mixed precision (`dtype=jnp.bfloat16`): the embedding lookup and the encoder compute in bf16 (the
+recurrence itself in float32 on CPU under `impl='fused'`, jaxlm/models/lstm.py); pooling, the
+head and the logits are float32, as in the transformer classifier. Params stay `param_dtype`.
+
 Padding never changes an output: the encoder stops every row at its length (its final state is
 the state at the last valid step, outputs past it are 0), and every pooling applies the length
 mask itself rather than trusting zeros (a max over zeros is not a max over the row).
@@ -66,9 +70,10 @@ class LSTMClassifier(nn.Module):
   Dropout: `dropout_embed` on embeddings, `dropout_hidden` between LSTM layers (nn.LSTM's
   `dropout`), `dropout_output` on the pooled features; `variational` shares the embedding and
   between-layer masks over time and `weight_drop` is DropConnect on W_hh, as in the LM (AWD-LSTM).
-  All need the 'dropout' rng when training.
+  All need the 'dropout' rng when training. `dtype` is the compute dtype (None: the params').
 
-  `__call__(tokens [B,T], lengths [B], *, deterministic=True) -> logits [B, num_outputs]`.
+  `__call__(tokens [B,T], lengths [B], *, deterministic=True) -> logits [B, num_outputs]`
+  (float32 for a bf16 `dtype`).
   """
   vocab_size: int
   embed_dim: int = 100
@@ -84,6 +89,7 @@ class LSTMClassifier(nn.Module):
   variational: bool = False
   weight_drop: float = 0.0
   impl: str = "fused"
+  dtype: Any = None
   param_dtype: Any = jnp.float32
 
   @nn.compact
@@ -91,15 +97,18 @@ class LSTMClassifier(nn.Module):
     if self.pooling not in POOLINGS:
       raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
     lengths = jnp.asarray(lengths, jnp.int32)
-    x = nn.Embed(self.vocab_size, self.embed_dim, param_dtype=self.param_dtype, name="embed")(tokens)
+    x = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                 name="embed")(tokens)
     dims = (1,) if self.variational else ()
     x = nn.Dropout(self.dropout_embed, broadcast_dims=dims)(x, deterministic=deterministic)
     outputs, states = LSTMEncoder(
         self.num_layers, self.hidden_size, dropout=self.dropout_hidden,
         bidirectional=self.bidirectional, variational=self.variational,
-        weight_drop=self.weight_drop, impl=self.impl, param_dtype=self.param_dtype,
-        name="encoder")(x, lengths, deterministic=deterministic)
-    features = masked_pool(outputs, states[-1][1], lengths, self.pooling)
+        weight_drop=self.weight_drop, impl=self.impl, dtype=self.dtype,
+        param_dtype=self.param_dtype, name="encoder")(x, lengths, deterministic=deterministic)
+    # Pooling (a mean over up to max_len steps) and the head in float32, whatever the compute dtype.
+    wide = lambda a: a.astype(jnp.promote_types(a.dtype, jnp.float32))
+    features = masked_pool(wide(outputs), wide(states[-1][1]), lengths, self.pooling)
     features = nn.Dropout(self.dropout_output)(features, deterministic=deterministic)
     if self.head_hidden > 0:
       return MLPHead(self.head_hidden, self.num_outputs, self.dropout_output, name="head")(

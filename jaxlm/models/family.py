@@ -38,6 +38,11 @@ CLASSIFIER_FIELDS = dict(
 )
 LOSSES = ("bce", "softmax")
 
+# `config.model.dtype`, the compute dtype of every family (params and optimizer state stay
+# float32). No float16: without loss scaling, which jaxlm does not implement, its gradients
+# underflow; bfloat16 has float32's exponent range and needs none.
+DTYPES = ("float32", "bfloat16")
+
 # A classifier's weights into a new classifier: everything but the old head, which is initialised
 # afresh (its output size is the old task's number of classes). Shared by every family.
 CLASSIFIER_TO_CLASSIFIER = [

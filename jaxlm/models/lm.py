@@ -31,6 +31,13 @@ embedding outputs, `dropout_hidden` [dropouth] between LSTM layers, `dropout_out
 the last LSTM output, `weight_drop` [wdrop] DropConnect on W_hh. With `variational=True` the
 masks are shared over time steps. The sampled softmax draws its negatives from the 'dropout' rng
 too, so a train step needs no extra rng stream.
+
+Mixed precision (`dtype=jnp.bfloat16`; params stay `param_dtype`, float32): the embedding
+lookup, the LSTM's outputs and the output layer's operands are bf16, but every output matmul
+accumulates in float32 (`preferred_element_type`) and the softmax, log-Q corrections and NLL are
+float32, so logits are never rounded to bf16 and the loss is float32. The recurrence itself is
+float32 on CPU under `impl='fused'` (jaxlm/models/lstm.py, Mixed precision). The final state is
+returned in float32.
 """
 import functools
 import math
@@ -45,6 +52,26 @@ from jaxlm.models.lstm import LSTMEncoder
 
 Array = jax.Array
 OUTPUTS = ("full", "sampled", "adaptive")
+
+
+def _wide(dtype):
+  """The dtype a softmax input is accumulated in: float32 for bf16/f16 compute (float64 stays)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _logits_dot(a: Array, b: Array) -> Array:
+  """`a @ b` with operands in the compute dtype and products accumulated (and returned) in at
+  least float32: a bf16 model's logits are never rounded to bf16 before the softmax."""
+  return jnp.dot(a, b, preferred_element_type=_wide(a.dtype))
+
+
+def _dense_kw(dtype) -> dict:
+  """nn.Dense arguments of a layer whose outputs are logits: compute in `dtype`, return float32
+  (like `_logits_dot`); `dtype=None` keeps nn.Dense's own promotion."""
+  if dtype is None or jnp.dtype(dtype).itemsize >= 4:
+    return dict(dtype=dtype)
+  return dict(dtype=dtype, dot_general=functools.partial(jax.lax.dot_general,
+                                                         preferred_element_type=jnp.float32))
 
 
 def _full_nll(logits: Array, targets: Array) -> Array:
@@ -75,12 +102,14 @@ class SoftmaxDecoder(nn.Module):
   embed_dim: int
   tied: bool = False
   num_sampled: int = 0
+  dtype: Any = None
   param_dtype: Any = jnp.float32
 
   def setup(self):
     if self.tied:
       if self.hidden_size != self.embed_dim:
-        self.proj = nn.Dense(self.embed_dim, use_bias=False, param_dtype=self.param_dtype)
+        self.proj = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
     else:
       bound = 1.0 / math.sqrt(self.hidden_size)  # nn.Linear's default init
       self.kernel = self.param("kernel", _uniform(bound), (self.hidden_size, self.vocab_size),
@@ -110,9 +139,9 @@ class SoftmaxDecoder(nn.Module):
   def logits(self, h: Array, embedding: Optional[Array] = None) -> Array:
     h, w, emb = self._features_and_weights(h, embedding)
     if w is not None:
-      out = jnp.dot(h, w.astype(h.dtype))
+      out = _logits_dot(h, w.astype(h.dtype))
     else:
-      out = jnp.dot(h, emb.astype(h.dtype).T)
+      out = _logits_dot(h, emb.astype(h.dtype).T)
     return out.astype(jnp.float32) + self.bias.astype(jnp.float32)
 
   def nll(self, h, targets, embedding=None, *, deterministic=True):
@@ -132,13 +161,15 @@ class SoftmaxDecoder(nn.Module):
     if w is not None:
       w_s = jnp.take(w, samples, axis=1)                       # [D, K]
       w_t = jnp.take(w, targets, axis=1)                       # [D, N]
-      s_logits = jnp.dot(h, w_s.astype(h.dtype))
-      t_logits = jnp.sum(h * w_t.T.astype(h.dtype), axis=-1)
+      s_logits = _logits_dot(h, w_s.astype(h.dtype))
+      t_logits = jnp.einsum("nd,dn->n", h, w_t.astype(h.dtype),
+                            preferred_element_type=_wide(h.dtype))
     else:
       e_s = jnp.take(emb, samples, axis=0)                     # [K, D]
       e_t = jnp.take(emb, targets, axis=0)                     # [N, D]
-      s_logits = jnp.dot(h, e_s.astype(h.dtype).T)
-      t_logits = jnp.sum(h * e_t.astype(h.dtype), axis=-1)
+      s_logits = _logits_dot(h, e_s.astype(h.dtype).T)
+      t_logits = jnp.einsum("nd,nd->n", h, e_t.astype(h.dtype),
+                            preferred_element_type=_wide(h.dtype))
     b = self.bias.astype(jnp.float32)
     s_logits = (s_logits.astype(jnp.float32) + b[samples]
                 - log_uniform_log_prob(samples, V))
@@ -168,10 +199,11 @@ class _Tail(nn.Module):
   dim: int
   size: int
   param_dtype: Any = jnp.float32
+  dtype: Any = None
 
   def setup(self):
-    self.proj = nn.Dense(self.dim, use_bias=False, param_dtype=self.param_dtype)
-    self.out = nn.Dense(self.size, param_dtype=self.param_dtype)
+    self.proj = nn.Dense(self.dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+    self.out = nn.Dense(self.size, param_dtype=self.param_dtype, **_dense_kw(self.dtype))
 
   def __call__(self, h):
     return self.out(self.proj(h)).astype(jnp.float32)
@@ -188,16 +220,18 @@ class AdaptiveSoftmax(nn.Module):
   cutoffs: Sequence[int]
   div_value: float = 4.0
   param_dtype: Any = jnp.float32
+  dtype: Any = None
 
   def setup(self):
     cuts = list(self.cutoffs)
     if not cuts or cuts != sorted(cuts) or cuts[0] <= 0 or cuts[-1] >= self.vocab_size:
       raise ValueError(f"adaptive cutoffs must increase within (0, {self.vocab_size}): {cuts}")
     bounds = cuts + [self.vocab_size]
-    self.head = nn.Dense(cuts[0] + len(cuts), param_dtype=self.param_dtype)
+    self.head = nn.Dense(cuts[0] + len(cuts), param_dtype=self.param_dtype,
+                         **_dense_kw(self.dtype))
     self.tail = [
         _Tail(max(1, int(self.hidden_size // (self.div_value ** (i + 1)))),
-              bounds[i + 1] - bounds[i], self.param_dtype)
+              bounds[i + 1] - bounds[i], self.param_dtype, self.dtype)
         for i in range(len(cuts))]
 
   @property
@@ -267,7 +301,7 @@ def _tail_weights(tail: _Tail):
 
 def _tail_logits(weights, h):
   proj, out, bias = weights
-  return (jnp.dot(jnp.dot(h, proj.astype(h.dtype)), out.astype(h.dtype)).astype(jnp.float32)
+  return (_logits_dot(jnp.dot(h, proj.astype(h.dtype)), out.astype(h.dtype)).astype(jnp.float32)
           + bias.astype(jnp.float32))
 
 
@@ -366,8 +400,8 @@ class LSTMLanguageModel(nn.Module):
   def setup(self):
     if self.output not in OUTPUTS:
       raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
-    self.embed = nn.Embed(self.vocab_size, self.embed_dim, param_dtype=self.param_dtype,
-                          embedding_init=_uniform(0.1))
+    self.embed = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype,
+                          param_dtype=self.param_dtype, embedding_init=_uniform(0.1))
     self.encoder = LSTMEncoder(self.num_layers, self.hidden_size, dropout=self.dropout_hidden,
                                variational=self.variational, weight_drop=self.weight_drop,
                                impl=self.impl, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -376,12 +410,12 @@ class LSTMLanguageModel(nn.Module):
         raise ValueError("tie_weights is not supported with output='adaptive'")
       self.decoder = AdaptiveSoftmax(self.vocab_size, self.hidden_size,
                                      tuple(self.adaptive_cutoffs), self.adaptive_div_value,
-                                     self.param_dtype)
+                                     self.param_dtype, self.dtype)
     else:
       self.decoder = SoftmaxDecoder(
           self.vocab_size, self.hidden_size, self.embed_dim, tied=self.tie_weights,
           num_sampled=self.num_sampled if self.output == "sampled" else 0,
-          param_dtype=self.param_dtype)
+          dtype=self.dtype, param_dtype=self.param_dtype)
     dims = (1,) if self.variational else ()
     self.drop_embed = nn.Dropout(self.dropout_embed, broadcast_dims=dims)
     self.drop_output = nn.Dropout(self.dropout_output, broadcast_dims=dims)
@@ -395,6 +429,9 @@ class LSTMLanguageModel(nn.Module):
     x = self.drop_embed(x, deterministic=deterministic)
     h, state = self.encoder(x, lengths, deterministic=deterministic, initial_state=initial_state)
     h = self.drop_output(h, deterministic=deterministic)
+    # The state leaves in float32 (or the wider param dtype) whatever the compute dtype, so a
+    # stream-mode carry keeps one dtype from batch to batch; a bf16 value upcast is exact.
+    state = jax.tree.map(lambda s: s.astype(_wide(s.dtype)), state)
     return h, state
 
   def _embedding(self):

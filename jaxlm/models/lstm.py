@@ -12,12 +12,12 @@ Why it is fast on CPU:
   as one einsum over all steps afterwards. Autodiff of a scan instead accumulates `dW_hh` inside the
   loop, one small matmul per step: a seed-003 train step measured 0.62-0.73 s that way and
   0.54 s fused, on this CPU.
-- On CPU, in float32, the fused recurrence's two loops run in `jaxlm.kernels` (a C++ XLA FFI
-  kernel: per step one BLAS sgemm over the rows inside their length and one vectorised gate
-  pass, split over XLA's threads) instead of as `lax.scan`s, whose small per-step operations
-  XLA:CPU runs one by one. Same residuals, same gradients (tested against the scans);
-  `lax.platform_dependent` keeps the scans for GPU and TPU, so one jitted function serves all
-  three.
+- On CPU, in float32 (a bf16 layer's too, upcast: see Mixed precision), the fused recurrence's
+  two loops run in `jaxlm.kernels` (a C++ XLA FFI kernel: per step one BLAS sgemm over the rows
+  inside their length and one vectorised gate pass, split over XLA's threads) instead of as
+  `lax.scan`s, whose small per-step operations XLA:CPU runs one by one. Same residuals, same
+  gradients (tested against the scans); `lax.platform_dependent` keeps the scans for GPU and TPU,
+  so one jitted function serves all three.
 - `impl='scan'` is the plain `flax.linen.scan` recurrence (weights broadcast, scanned over time),
   differentiated by autodiff. It is the reference the fused path is tested against and what the
   design card describes; both give the same numbers.
@@ -28,6 +28,15 @@ directions), and outputs past a row's length are exactly 0. A reverse layer ther
 step `length-1` of each row, like a packed bidirectional PyTorch LSTM.
 
 States are `(c, h)` tuples, each `[B, H]` (flax's LSTMCell convention).
+
+Mixed precision (`dtype=jnp.bfloat16`, params float32): the input projection (the larger matmul,
+`[T*B, E] x [E, 4H]`) and the layer's outputs are bf16 on every platform. The recurrence follows
+the impl: `scan` computes it in bf16 everywhere, and so does `fused` on GPU/TPU; on CPU the fused
+recurrence runs in the kernel, which is float32-only, so there it is upcast (the float32 W_hh,
+the bf16 projections and state) and its outputs cast back to bf16. Why not a bf16 XLA scan on
+CPU: it is the slow path the kernel replaced, and CPUs without bf16 instructions (most) gain
+nothing from bf16 arithmetic; the memory a bf16 run saves elsewhere (embeddings, outputs,
+softmax inputs) it still saves.
 """
 import functools
 import math
@@ -181,9 +190,15 @@ def _scan_backward(w_hh, mask, c_prev, acts, tcs, dys, dc_last, dh_last, reverse
   return dzs, dc0, dh0
 
 
+# Compute dtypes the CPU kernel serves. It computes in float32 only: a bfloat16 or float16
+# recurrence is upcast to it on CPU (see _fused_recurrence).
+KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
 def _use_kernel(dtype) -> bool:
-  """The CPU kernel handles float32; other dtypes, or a machine where it cannot build, use XLA."""
-  return jnp.dtype(dtype) == jnp.float32 and kernels.available()
+  """The CPU kernel serves float32 and, upcast, bf16/f16; float64, or a machine where it cannot
+  build, uses XLA."""
+  return jnp.dtype(dtype) in KERNEL_DTYPES and kernels.available()
 
 
 def _kernel_on_cpu(dtype, kernel_fn, scan_fn):
@@ -200,47 +215,77 @@ def _float_mask(mask, xz):
   return mask.astype(jnp.float32)
 
 
+def _f32(*arrays):
+  return tuple(a.astype(jnp.float32) for a in arrays)
+
+
 @functools.lru_cache(maxsize=None)
 def _fused_recurrence(reverse: bool):
   """Builds the custom-VJP recurrence for one direction.
 
   Signature: `(xz [T,B,4H], mask [T,B] bool | None, w_hh [H,4H], c0, h0) -> (ys [T,B,H], c, h)`;
-  `xz` already contains both biases. Time-major because scan iterates over axis 0. On CPU (float32)
-  the forward and backward loops run in the `jaxlm.kernels` kernel, elsewhere as `lax.scan`s; both
+  `xz` already contains both biases. Time-major because scan iterates over axis 0. On CPU the
+  forward and backward loops run in the `jaxlm.kernels` kernel, elsewhere as `lax.scan`s; both
   compute the same residuals and gradients, and `lax.platform_dependent` picks per device, so one
   jitted function serves CPU, GPU and TPU.
+
+  Dtypes: the scans compute in `xz.dtype` (the layer's compute dtype; `w_hh` arrives in its
+  param dtype and is cast). The kernel is float32-only, so with a bfloat16 `xz` the CPU branch
+  upcasts `xz`, `w_hh` (the float32 param itself) and the state, runs the recurrence and its
+  backward in float32, and casts the outputs (and the cotangents of `xz` and the state) back to
+  `xz.dtype`. The two branches of the platform switch must return one type, so whenever the
+  kernel is in play the residuals are float32 on every platform (a GPU/TPU bf16 run then keeps
+  its LSTM residuals at float32 size); `dW_hh` is accumulated in float32 too.
   """
 
   @jax.custom_vjp
   def recurrence(xz, mask, w_hh, c0, h0):
+    dt = xz.dtype
+
+    def kernel():
+      outs = kernels.forward(*_f32(xz), _float_mask(mask, xz), *_f32(w_hh, c0, h0),
+                             reverse=reverse, save_residuals=False)
+      return tuple(o.astype(dt) for o in outs)
+
     return _kernel_on_cpu(
-        xz.dtype,
-        lambda: tuple(kernels.forward(xz, _float_mask(mask, xz), w_hh, c0, h0, reverse=reverse,
-                                      save_residuals=False)),
-        lambda: _recurrence_plain(xz, mask, w_hh, c0, h0, reverse))
+        dt, kernel, lambda: _recurrence_plain(xz, mask, w_hh.astype(dt), c0, h0, reverse))
 
   def fwd(xz, mask, w_hh, c0, h0):
+    dt = xz.dtype
+    res_dtype = jnp.float32 if _use_kernel(dt) else dt
+
     def kernel():
-      ys, c, h, *res = kernels.forward(xz, _float_mask(mask, xz), w_hh, c0, h0, reverse=reverse,
-                                       save_residuals=True)
-      return (ys, c, h), tuple(res)
-    outs, res = _kernel_on_cpu(
-        xz.dtype, kernel, lambda: _scan_forward(xz, mask, w_hh, c0, h0, reverse))
+      ys, c, h, *res = kernels.forward(*_f32(xz), _float_mask(mask, xz), *_f32(w_hh, c0, h0),
+                                       reverse=reverse, save_residuals=True)
+      return (ys.astype(dt), c.astype(dt), h.astype(dt)), tuple(res)
+
+    def scan():
+      outs, res = _scan_forward(xz, mask, w_hh.astype(dt), c0, h0, reverse)
+      return outs, tuple(r.astype(res_dtype) for r in res)
+
+    outs, res = _kernel_on_cpu(dt, kernel, scan)
     return outs, (w_hh, mask, res)
 
   def bwd(saved, cts):
     w_hh, mask, (h_prev, c_prev, acts, tcs) = saved
     dys, dc_last, dh_last = cts
-    args = (c_prev, acts, tcs, dys, dc_last, dh_last)
-    dzs, dc0, dh0 = _kernel_on_cpu(
-        acts.dtype,
-        lambda: tuple(kernels.backward(w_hh, _float_mask(mask, acts), *args, reverse=reverse)),
-        lambda: _scan_backward(w_hh, mask, *args, reverse))
+    dt, res_dtype = dys.dtype, acts.dtype
+
+    def kernel():
+      return tuple(kernels.backward(*_f32(w_hh), _float_mask(mask, acts), c_prev, acts, tcs,
+                                    *_f32(dys, dc_last, dh_last), reverse=reverse))
+
+    def scan():
+      out = _scan_backward(w_hh.astype(dt), mask, c_prev.astype(dt), acts.astype(dt),
+                           tcs.astype(dt), dys, dc_last, dh_last, reverse)
+      return tuple(o.astype(res_dtype) for o in out)
+
+    dzs, dc0, dh0 = _kernel_on_cpu(dt, kernel, scan)
     # The weight gradient of every step at once: one [H, T*B] x [T*B, 4H] matmul.
     hdim, gdim = h_prev.shape[-1], dzs.shape[-1]
     dw = jnp.dot(h_prev.reshape(-1, hdim).T, dzs.reshape(-1, gdim))
     dmask = None if mask is None else np.zeros(mask.shape, dtype=jax.dtypes.float0)
-    return dzs, dmask, dw.astype(w_hh.dtype), dc0, dh0
+    return dzs.astype(dt), dmask, dw.astype(w_hh.dtype), dc0.astype(dt), dh0.astype(dt)
 
   recurrence.defvjp(fwd, bwd)
   return recurrence
@@ -273,7 +318,9 @@ class LSTMLayer(nn.Module):
       steps and rows, only when not deterministic (needs the 'dropout' rng).
     time_major: inputs/outputs are `[T, B, ...]` instead of `[B, T, ...]` (the encoder uses it to
       avoid transposing between layers).
-    dtype: computation dtype (None: promote inputs and params; bf16 is usually slower on CPU).
+    dtype: computation dtype (None: promote inputs and params). With bfloat16, `impl='scan'`
+      runs the recurrence in bf16 everywhere; `impl='fused'` does on GPU/TPU, while on CPU its
+      kernel runs the recurrence in float32 (the input projection stays bf16).
     param_dtype: parameter dtype.
     kernel_init: init for all weights and biases; default PyTorch's U(+-1/sqrt(H)).
 
@@ -300,7 +347,9 @@ class LSTMLayer(nn.Module):
     w_hh, b_hh = _Affine(4 * H, init, self.param_dtype, name="hh")(H)
 
     dtype = self.dtype or jnp.result_type(x.dtype, w_ih.dtype)
-    x, w_ih, w_hh = x.astype(dtype), w_ih.astype(dtype), w_hh.astype(dtype)
+    # W_hh stays in its param dtype: the fused recurrence casts it itself (its CPU kernel runs
+    # a bf16 layer's recurrence in float32, on the float32 weights), the scan below casts it.
+    x, w_ih = x.astype(dtype), w_ih.astype(dtype)
     bias = (b_ih + b_hh).astype(dtype)
 
     if self.weight_drop > 0.0 and not deterministic:
@@ -329,7 +378,7 @@ class LSTMLayer(nn.Module):
     else:
       scan = nn.scan(_ScanStep, variable_broadcast="params", split_rngs={"params": False},
                      in_axes=(0, nn.broadcast), out_axes=0, reverse=self.reverse)
-      (c, h), ys = scan(name="recurrence")((c0, h0), (xz, mask), w_hh)
+      (c, h), ys = scan(name="recurrence")((c0, h0), (xz, mask), w_hh.astype(dtype))
 
     if not self.time_major:
       ys = jnp.swapaxes(ys, 0, 1)

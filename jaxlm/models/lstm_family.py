@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jaxlm.errors import ConfigError
 from jaxlm.models.classifiers import POOLINGS
-from jaxlm.models.family import CLASSIFIER_TO_CLASSIFIER, ModelFamily
+from jaxlm.models.family import CLASSIFIER_TO_CLASSIFIER, DTYPES, ModelFamily
 from jaxlm.models.family import torch_linear
 from jaxlm.models.lm import OUTPUTS
 from jaxlm.models.lstm import IMPLS
@@ -48,7 +48,9 @@ TORCH_NAMES = [
 
 _SHARED = dict(embed_dim=128, hidden_size=256, num_layers=2, dropout_embed=0.1, dropout_hidden=0.2,
                weight_drop=0.0,     # AWD-LSTM's DropConnect on each layer's W_hh
-               impl="fused")        # fused (custom-VJP recurrence; the CPU kernel) | scan (nn.scan)
+               impl="fused",        # fused (custom-VJP recurrence; the CPU kernel) | scan (nn.scan)
+               dtype="float32")     # compute dtype: float32 | bfloat16 (params stay float32; on
+                                    # CPU the fused recurrence runs in float32 either way)
 
 
 class LSTMFamily(ModelFamily):
@@ -84,6 +86,7 @@ class LSTMFamily(ModelFamily):
         raise ConfigError(f"config.model.{key} must be >= 1, got {model_cfg[key]}")
     choices = {"output": OUTPUTS} if model_cfg.name == "lstm_lm" else {"pooling": POOLINGS}
     choices["impl"] = IMPLS
+    choices["dtype"] = DTYPES
     for key, allowed in choices.items():
       if model_cfg[key] not in allowed:
         raise ConfigError(f"config.model.{key}={model_cfg[key]!r} is not one of {', '.join(allowed)}")
@@ -98,7 +101,8 @@ class LSTMFamily(ModelFamily):
           dropout_hidden=cfg.dropout_hidden, dropout_output=cfg.dropout_output,
           tie_weights=cfg.tie_weights, output=cfg.output, num_sampled=cfg.num_sampled,
           adaptive_cutoffs=tuple(cfg.adaptive_cutoffs), dropout_words=cfg.dropout_words,
-          weight_drop=cfg.weight_drop, variational=cfg.variational, impl=cfg.impl)
+          weight_drop=cfg.weight_drop, variational=cfg.variational, impl=cfg.impl,
+          dtype=jnp.dtype(cfg.dtype))
     cls = classifiers.LSTMClassifier if cfg.name == "lstm_classifier" else classifiers.SentimentNet
     return cls(
         vocab_size=vocab_size, embed_dim=cfg.embed_dim, hidden_size=cfg.hidden_size,
@@ -106,7 +110,7 @@ class LSTMFamily(ModelFamily):
         bidirectional=cfg.bidirectional, pooling=cfg.pooling, dropout_embed=cfg.dropout_embed,
         dropout_hidden=cfg.dropout_hidden, dropout_output=cfg.dropout_output,
         head_hidden=cfg.head_hidden, variational=cfg.variational, weight_drop=cfg.weight_drop,
-        impl=cfg.impl)
+        impl=cfg.impl, dtype=jnp.dtype(cfg.dtype))
 
   def initial_carry(self, model_cfg, batch_size):
     """All-zero LSTM state, a (c, h) pair per layer: the start of stream-mode LM training."""

@@ -7,8 +7,10 @@ Layer groups bottom to top: `embed` (token embedding, learned positions, the CLS
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from jaxlm.errors import ConfigError
-from jaxlm.models.family import CLASSIFIER_TO_CLASSIFIER, ModelFamily
+from jaxlm.models.family import CLASSIFIER_TO_CLASSIFIER, DTYPES, ModelFamily
 from jaxlm.models.family import torch_linear
 
 
@@ -57,6 +59,7 @@ class TransformerFamily(ModelFamily):
         norm="pre",                # pre (pre-LN) | post (torch nn.TransformerEncoderLayer default)
         pooling="mean",            # mean | max | cls (over valid positions only)
         activation="relu",         # relu | gelu
+        dtype="float32",           # compute dtype: float32 | bfloat16 (params stay float32)
     )
 
   def validate(self, config):
@@ -70,7 +73,7 @@ class TransformerFamily(ModelFamily):
       raise ConfigError(f"config.model.d_model={model_cfg.d_model} is not divisible by "
                         f"config.model.num_heads={model_cfg.num_heads}")
     for key, allowed in (("positional", T.POSITIONALS), ("norm", T.NORMS), ("pooling", T.POOLINGS),
-                         ("activation", ("relu", "gelu"))):
+                         ("activation", ("relu", "gelu")), ("dtype", DTYPES)):
       if model_cfg[key] not in allowed:
         raise ConfigError(f"config.model.{key}={model_cfg[key]!r} is not one of {', '.join(allowed)}")
     positions = config.data.max_len + (model_cfg.pooling == "cls")
@@ -89,7 +92,7 @@ class TransformerFamily(ModelFamily):
         num_layers=cfg.num_layers, ffn_dim=cfg.ffn_dim, max_len=cfg.max_len,
         num_outputs=1 if cfg.loss == "bce" else cfg.num_classes, dropout=cfg.dropout,
         attention_dropout=cfg.attention_dropout, positional=cfg.positional, norm=cfg.norm,
-        pooling=cfg.pooling, activation=cfg.activation)
+        pooling=cfg.pooling, activation=cfg.activation, dtype=jnp.dtype(cfg.dtype))
 
   def torch_architecture(self, model_cfg, vocab_size):
     """nn.TransformerEncoderLayer's dropout is also its attention dropout; both are off in
