@@ -69,6 +69,7 @@ def _optim() -> ml_collections.ConfigDict:
       warmup_steps=0,
       stlr_cut_frac=0.1,
       stlr_ratio=32.0,
+      schedule_per_phase=False,  # gradual unfreezing: restart the schedule at every phase (ULMFiT)
       grad_clip=1.0,           # global norm over trainable leaves; 0 = off
       weight_decay=0.0,
       b1=0.9,

@@ -193,6 +193,26 @@ def test_stlr_schedule_values():
     np.testing.assert_allclose(schedule(t), lr * (1 + p * 31) / 32, rtol=1e-5)
 
 
+def test_schedule_per_phase_restarts_at_each_unfreezing(setup):
+  _, params, _ = setup
+  plan = S.make_strategy(finetune_cfg("gradual"), params, LSTM)  # 4 groups: 4 phases
+  starts = S.phase_starts(plan, steps_per_epoch=100, total_steps=600)
+  assert starts == [0, 100, 200, 300]  # the last phase runs epochs 4-6
+  assert S.phase_starts(plan, 100, 250) == [0, 100, 200]  # a max_steps cut ends the run early
+  assert S.phase_starts(S.make_strategy(finetune_cfg("full"), params, LSTM), 100, 600) == [0]
+  lr = 0.01
+  per_phase = S.make_schedule(optim_cfg(schedule="stlr", learning_rate=lr, schedule_per_phase=True),
+                              600, starts)
+  # Each phase is its own slanted triangle over its own steps: 100, 100, 100, then 300.
+  for start, length in [(0, 100), (100, 100), (200, 100), (300, 300)]:
+    one = S.make_schedule(optim_cfg(schedule="stlr", learning_rate=lr), length)
+    for t in (0, length // 10, length // 2, length - 1):
+      np.testing.assert_allclose(per_phase(start + t), one(t), rtol=1e-5, err_msg=f"{start}+{t}")
+  # Off (the default): one triangle over the run, whatever the phases.
+  whole = S.make_schedule(optim_cfg(schedule="stlr", learning_rate=lr), 600, starts)
+  np.testing.assert_allclose(whole(60), lr, rtol=1e-5)
+
+
 def test_schedule_drives_the_update():
   params = {"head": {"kernel": jnp.zeros((2,))}}
   plan = S.make_strategy(finetune_cfg("full"), params, LSTM)

@@ -138,8 +138,29 @@ def stlr_schedule(peak: float, total_steps: int, cut_frac: float = 0.1,
       [cut])
 
 
-def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
-  """`config.optim.schedule` as an optax schedule of the global step (also for logging the lr)."""
+def phase_starts(plan: "Plan", steps_per_epoch: int, total_steps: int) -> list[int]:
+  """Global step at which each phase of `plan` begins (gradual unfreezing: one per epoch until
+  every group trains), the run's end excluded: [0] for a single-phase strategy."""
+  starts = [0]
+  for epoch in range(1, plan.num_phases):
+    step = epoch * steps_per_epoch
+    if step >= total_steps:
+      break
+    starts.append(step)
+  return starts
+
+
+def make_schedule(optim_cfg, total_steps: int, phase_starts: list[int] | None = None) -> optax.Schedule:
+  """`config.optim.schedule` as an optax schedule of the global step (also for logging the lr).
+
+  With `optim.schedule_per_phase` and `phase_starts` (see `phase_starts`), the schedule starts
+  again at every phase of a gradual unfreezing, over that phase's steps: ULMFiT fits each stage
+  with its own slanted triangle. Otherwise one schedule spans the run.
+  """
+  if optim_cfg.get("schedule_per_phase", False) and phase_starts and len(phase_starts) > 1:
+    ends = list(phase_starts[1:]) + [max(int(total_steps), phase_starts[-1] + 1)]
+    parts = [make_schedule(optim_cfg, end - start) for start, end in zip(phase_starts, ends)]
+    return optax.join_schedules(parts, list(phase_starts[1:]))
   lr = float(optim_cfg.learning_rate)
   kind = optim_cfg.get("schedule", "constant")
   warmup = int(optim_cfg.get("warmup_steps", 0))
@@ -184,12 +205,13 @@ def _group_tx(optim_cfg, multiplier: float, wd_mask) -> optax.GradientTransforma
   return optax.chain(*core) if core else optax.identity()
 
 
-def build_optimizer(optim_cfg, params, plan: Plan, epoch: int = 0,
-                    total_steps: int = 1) -> optax.GradientTransformation:
+def build_optimizer(optim_cfg, params, plan: Plan, epoch: int = 0, total_steps: int = 1,
+                    phase_starts: list[int] | None = None) -> optax.GradientTransformation:
   """The optimizer of `epoch`'s phase: clip(trainable) -> partition(groups | frozen) -> schedule.
 
-  `total_steps` is the length of the whole run (the STLR/cosine horizon). The schedule's step
-  count is global: carry it across phases with `transfer_opt_state`.
+  `total_steps` is the length of the whole run (the STLR/cosine horizon), `phase_starts` where
+  its phases begin (for `optim.schedule_per_phase`). The schedule's step count is global: carry
+  it across phases with `transfer_opt_state`.
   """
   mask = plan.trainable_mask(params, epoch)
   wd_mask = decay_mask(params, plan.family)
@@ -201,7 +223,7 @@ def build_optimizer(optim_cfg, params, plan: Plan, epoch: int = 0,
   return optax.chain(
       optax.masked(optax.clip_by_global_norm(clip), mask) if clip > 0 else optax.identity(),
       optax.partition(transforms, plan.labels(params, epoch)),
-      optax.scale_by_learning_rate(make_schedule(optim_cfg, total_steps)),
+      optax.scale_by_learning_rate(make_schedule(optim_cfg, total_steps, phase_starts)),
   )
 
 
