@@ -137,12 +137,14 @@ def _train_locked(config, workdir, task, resuming, init_params, graft_map, progr
     params, report = graft.graft(init_params, params, graft_map)
   plan = strategies.make_strategy(config.get("finetune"), params, task.family)
   total_steps = _total_steps(config, task)
+  starts = strategies.phase_starts(plan, task.train_batches.num_batches_per_epoch, total_steps)
   optimizers = {}
 
   def optimizer(epoch):
     phase = plan.phase(epoch)
     if phase not in optimizers:
-      optimizers[phase] = strategies.build_optimizer(config.optim, params, plan, epoch, total_steps)
+      optimizers[phase] = strategies.build_optimizer(config.optim, params, plan, epoch, total_steps,
+                                                     starts)
     return optimizers[phase]
 
   state = steps.create_state(params, optimizer(0), seed)
@@ -194,7 +196,8 @@ def _train_locked(config, workdir, task, resuming, init_params, graft_map, progr
   hooks = loop.Hooks(
       train_step_for_epoch=train_step_for_epoch, evaluate=evaluate, tokens_in=task.tokens_in,
       carry_init=task.carry_init(), on_state_for_epoch=on_state_for_epoch,
-      select_metric=select, select_mode=select_mode)
+      select_metric=select, select_mode=select_mode,
+      learning_rate=strategies.make_schedule(config.optim, total_steps, starts))
   writer = metrics.MetricsWriter(workdir)
   if resuming:
     writer.rewind(int(jax.device_get(state.step)))

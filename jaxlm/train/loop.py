@@ -72,6 +72,7 @@ class Hooks:
   select_metric: str | None = None                  # keep the best checkpoint by this eval metric
   select_mode: str = "max"                          # "max" (accuracy) or "min" (loss)
   on_state_for_epoch: Callable[[int, Any], Any] | None = None  # e.g. new optimizer state on unfreeze
+  learning_rate: Callable[[int], float] | None = None  # the optimizer's schedule, for logging
 
 
 def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_lib.MetricsWriter,
@@ -128,9 +129,10 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
     return epoch_done or step >= max_steps or (every > 0 and step % every == 0)
 
   max_steps = tcfg.max_steps or tcfg.num_epochs * steps_per_epoch
-  # The optimizer's own schedule over the same horizon (jaxlm/commands.py builds it from
-  # config.optim and the run's length too); the top group's multiplier is 1.
-  schedule = strategies.make_schedule(config.optim, max_steps) if "optim" in config else None
+  # The optimizer's own schedule (jaxlm/commands.py passes the one it built the optimizer with;
+  # otherwise config.optim over the run's length); the top group's multiplier is 1.
+  schedule = hooks.learning_rate or (
+      strategies.make_schedule(config.optim, max_steps) if "optim" in config else None)
   depth = int(tcfg.get("prefetch_batches", 2))
   sync_every_step = bool(tcfg.get("sync_every_step", False))
   window = metrics_lib.StepWindow()
