@@ -296,9 +296,10 @@ def finetune(config, workdir, *, init_from=None, tokenizer_from=None, progress=T
   """
   config_lib.validate(config)
   init_params = tokenizer = graft_map = None
-  if tokenizer_from is not None:
-    tokenizer = tokenizers.load_tokenizer(pathlib.Path(tokenizer_from) / "tokenizer")
   from jaxlm import interop
+  if tokenizer_from is not None:
+    tokenizer = (interop.read_export(tokenizer_from).tokenizer() if interop.is_export(tokenizer_from)
+                 else tokenizers.load_tokenizer(pathlib.Path(tokenizer_from) / "tokenizer"))
   if init_from is not None and interop.is_export(init_from):
     # A safetensors export (jaxlm export, or PyTorch weights with its config.json): same graft
     # maps and tokenizer reuse as a workdir; its config is checked before any weight is read.

@@ -161,8 +161,12 @@ def _check_source(config, arms, init_from) -> dict | None:
   if init_from is None:
     raise ConfigError(f"strategies {', '.join(grafting)} start from a pretrained run: pass "
                       "--init-from DIR (only 'scratch' trains without one)")
-  source_config = checkpoint.load_config(init_from)
-  if commands._latest_step(init_from) is None:
+  from jaxlm import interop
+  if interop.is_export(init_from):  # a safetensors export: its config.json, no checkpoints
+    source_config = interop.read_export(init_from).config
+  else:
+    source_config = checkpoint.load_config(init_from)
+  if not interop.is_export(init_from) and commands._latest_step(init_from) is None:
     raise CheckpointError(f"{init_from} has no checkpoint to graft from ({init_from / 'checkpoints'} "
                           "is missing or empty): pretrain into it first")
   commands._graft_map(source_config, config, init_from)  # same family, a known graft map

@@ -217,3 +217,20 @@ def test_compare_help_lists_its_flags(capsys, tmp_path):
   assert code == 0 and out.startswith("usage: jaxlm compare ")
   assert all(f in out for f in ("--strategies:", "--init-from:", "--config.KEY=VALUE", "top_k"))
   assert not (tmp_path / "never").exists()
+
+
+def test_compare_from_a_safetensors_export(compared, tmp_path, capsys):
+  """An export (jaxlm export, or PyTorch weights with their config.json) is a source like a
+  workdir: the grafting arms start from its weights, scratch reads with its tokenizer."""
+  from jaxlm import interop
+  export = tmp_path / "export"
+  interop.export(compared["lm"], export)
+  for source in (export, export / "model.safetensors"):
+    work = tmp_path / f"cmp_{source.name}"
+    code, _, err = run(capsys, "compare", *CLF_ARGS, "--config.train.num_epochs=1",
+                       "--init-from", source, "--workdir", work, "--strategies", "scratch,head")
+    assert code == 0, err
+    result = json.loads((work / "compare.json").read_text())
+    assert [a["name"] for a in result["arms"]] == ["scratch", "head"]
+    report = json.loads((work / "head" / "graft_report.json").read_text())
+    assert report["sources"]["encoder/layer_0/hh/kernel"] == "encoder/layer_0/hh/kernel"
