@@ -240,13 +240,15 @@ def format_inspection(inspection_or_diff) -> str:
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class Run:
-  """A run read back from its workdir: its config, tokenizer, Flax model and params, which are all
-  `evaluate` and `predict` need. `model.apply({"params": run.params}, ...)` is the plain model."""
+  """A run read back from its workdir: its config, tokenizer, Flax model, params and model state
+  (the running averages of a batch-normalised head, else `{}`), which are all `evaluate` and
+  `predict` need. `model.apply({"params": run.params, **run.model_state}, ...)` is the plain model."""
   workdir: pathlib.Path
   config: ml_collections.ConfigDict
   tokenizer: Any
   model: Any
   params: Any
+  model_state: Any = dataclasses.field(default_factory=dict)
 
   @property
   def task(self) -> str:
@@ -265,7 +267,8 @@ class Run:
     if self.task != "classifier":
       raise ConfigError(f"{self.workdir} holds a {self.task} run: predict needs a classifier "
                         "workdir (an LM scores texts with .perplexity(texts))")
-    return commands.classify(self.config, self.tokenizer, self.model, self.params, _texts(texts))
+    return commands.classify(self.config, self.tokenizer, self.model, self.params, _texts(texts),
+                             self.model_state)
 
   def perplexity(self, texts: str | Iterable[str]) -> dict:
     """An LM's perplexity and loss over `texts` (each read as one review, as its test split is),
@@ -281,7 +284,7 @@ class Run:
       raise DataError("perplexity needs at least one text")
     return tasks.TASKS["lm"].evaluate_records(
         self.config, self.tokenizer, self.model, self.params, loop.Devices.create(1),
-        [Record(text, -1) for text in texts])
+        [Record(text, -1) for text in texts], model_state=self.model_state)
 
   def __repr__(self) -> str:
     from jaxlm import params as params_lib
@@ -306,5 +309,5 @@ def load(workdir: PathLike, which: str = "best", step: int | None = None) -> Run
   if which == "best" and tasks.TASKS[config.task].select_metric(config) is None:
     which = "latest"
   with _quiet(False):
-    config, tokenizer, model, params = commands._load_run(workdir, which, step)
-  return Run(workdir, config, tokenizer, model, params)
+    config, tokenizer, model, params, model_state = commands._load_run(workdir, which, step)
+  return Run(workdir, config, tokenizer, model, params, model_state)

@@ -2,7 +2,8 @@
 
 Layout of a workdir (see docs/ARCHITECTURE.md):
 
-  {workdir}/checkpoints/{step}/state   {'step', 'params', 'opt_state', 'rng'} (StandardSave)
+  {workdir}/checkpoints/{step}/state   {'step', 'params', 'opt_state', 'rng'} (StandardSave), and
+                                       'model_state' for a model with batch statistics
   {workdir}/checkpoints/{step}/meta    JSON: data iterator state, epoch, metrics, ... (JsonSave)
   {workdir}/checkpoints/{step}/jaxlm_checksums.json   size and sha256 of every file of the step
   {workdir}/config.json, summary.json  written atomically by `write_json_atomic`
@@ -213,24 +214,36 @@ class Checkpointer:
     (`PyTreeRestore(partial_restore=True)`) then skips opt_state, step and rng. Arrays land on
     the default device. Damaged steps are handled as in `restore`.
     """
+    return self._restore_parts(step, which, ("params",))["params"]
+
+  def restore_variables(self, step: int | None = None, *,
+                        which: str = "latest") -> tuple[Any, dict]:
+    """(params, model_state) of a step: what applying the trained model needs. `model_state` is
+    the batch statistics of a batch-normalised head, `{}` for a checkpoint without any."""
+    parts = self._restore_parts(step, which, ("params", "model_state"))
+    return parts["params"], parts.get("model_state", {})
+
+  def _restore_parts(self, step, which, keys: tuple[str, ...]) -> dict:
+    """The `keys` of `state` (those present; `params` is required) as a partial restore."""
     def read(step):
       stored = self._stored_state(step)
       if "params" not in stored:
         raise CheckpointError(f"checkpoint {self.directory / str(step)} has no 'params' "
                               f"(found: {sorted(stored)})")
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      target = {"params": jax.tree.map(
-          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), stored["params"])}
+      target = {key: jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), stored[key])
+          for key in keys if key in stored}
       restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
           item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
           partial_restore=True)))
-      return restored["state"]["params"], stored
+      return restored["state"], stored
 
-    step, (params, stored) = self._load(step, which, read)
-    log.info("restored params (%d arrays) from %s; not loaded: %s",
-                 len(jax.tree.leaves(params)), self.directory / str(step),
-                 ", ".join(sorted(k for k in stored if k != "params")))
-    return params
+    step, (parts, stored) = self._load(step, which, read)
+    log.info("restored %s (%d arrays) from %s; not loaded: %s", ", ".join(parts),
+             len(jax.tree.leaves(parts)), self.directory / str(step),
+             ", ".join(sorted(k for k in stored if k not in parts)))
+    return dict(parts)
 
   def params_metadata(self, step: int | None = None, *,
                       which: str = "latest") -> tuple[int, Any]:
@@ -486,6 +499,13 @@ def restore_params(workdir: str | os.PathLike, step: int | None = None,
   """The params of a run's checkpoint (latest, best or `step`), e.g. an LM to graft."""
   with Checkpointer(workdir, read_only=True) as checkpointer:
     return checkpointer.restore_params(step, which=which)
+
+
+def restore_variables(workdir: str | os.PathLike, step: int | None = None,
+                      which: str = "latest") -> tuple[Any, dict]:
+  """(params, model_state) of a run's checkpoint: the trained model to evaluate or apply."""
+  with Checkpointer(workdir, read_only=True) as checkpointer:
+    return checkpointer.restore_variables(step, which=which)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any):

@@ -131,7 +131,7 @@ def _train_locked(config, workdir, task, resuming, init_params, graft_map, progr
   devices.check_batch_size(config.data.batch_size, "data.batch_size")
   devices.check_batch_size(config.data.eval_batch_size, "data.eval_batch_size")
   seed = config.train.seed
-  params = task.init_params(seed)
+  params, model_state = task.init_variables(seed)  # model_state: batch statistics, or {}
   report = None
   if init_params is not None and not resuming:
     params, report = graft.graft(init_params, params, graft_map)
@@ -147,7 +147,7 @@ def _train_locked(config, workdir, task, resuming, init_params, graft_map, progr
                                                      starts)
     return optimizers[phase]
 
-  state = steps.create_state(params, optimizer(0), seed)
+  state = steps.create_state(params, optimizer(0), seed, model_state)
   select = task.kind.select_metric(config)  # None (LMs): keep the latest
   select_mode = config_lib.SELECT_MODES[select] if select else "max"
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.max_to_keep,
@@ -156,7 +156,7 @@ def _train_locked(config, workdir, task, resuming, init_params, graft_map, progr
   if resuming:
     carry_init = task.carry_init()
     restored, meta = _restore_any_phase(ckpt, params, plan, optimizer, seed,
-                                        carry_init() if carry_init else None)
+                                        carry_init() if carry_init else None, model_state)
     carry = restored.pop("carry", None)
     if carry is not None:  # rows of the carried state go where the rows of the batches go
       carry = devices.shard_batch(carry)
@@ -186,12 +186,13 @@ def _train_locked(config, workdir, task, resuming, init_params, graft_map, progr
 
   eval_step = steps.make_eval_step(task.loss_fn)
 
-  def evaluate(params):
+  def evaluate(state):
     if task.valid_batches is None:
       return {}
     carry = task.carry_init(task.valid_batches.batch_size)() if task.stream else None
-    return tasks.evaluate_batches(eval_step, params, task.valid_batches.epoch_batches(), devices,
-                                  carry=carry, max_batches=config.train.eval_max_batches)
+    return tasks.evaluate_batches(eval_step, state.params, task.valid_batches.epoch_batches(),
+                                  devices, carry=carry, max_batches=config.train.eval_max_batches,
+                                  model_state=state.model_state)
 
   hooks = loop.Hooks(
       train_step_for_epoch=train_step_for_epoch, evaluate=evaluate, tokens_in=task.tokens_in,
@@ -231,7 +232,7 @@ def _trainable(params, plan, epoch: int = 0):
   return [leaf for leaf, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m]
 
 
-def _restore_any_phase(ckpt, params, plan, optimizer, seed, carry=None):
+def _restore_any_phase(ckpt, params, plan, optimizer, seed, carry=None, model_state=None):
   """Restores the latest checkpoint with the optimizer state of the phase that wrote it.
 
   A gradual-unfreezing run stopped in epoch k saved the optimizer state of phase k (other groups,
@@ -239,7 +240,8 @@ def _restore_any_phase(ckpt, params, plan, optimizer, seed, carry=None):
   turn; a mismatch is detected from checkpoint metadata before any array is read. A damaged latest
   step falls back to the newest that loads, whichever phase wrote it (Checkpointer.restore_any).
   """
-  templates = (loop.state_dict(steps.create_state(params, optimizer(epoch), seed), carry)
+  templates = (loop.state_dict(steps.create_state(params, optimizer(epoch), seed, model_state),
+                               carry)
                for epoch in range(plan.num_phases))  # epoch e < num_phases starts phase e
   return ckpt.restore_any(templates)
 
@@ -348,11 +350,11 @@ def _graft_map(source_config, config, init_from):
 def _classifier_summary(config, run, init_from, command="finetune", tokenizer_from=None) -> dict:
   workdir, task, devices = run["workdir"], run["task"], run["devices"]
   best = run["result"]["best"]
-  params = run["state"].params
+  params, model_state = run["state"].params, run["state"].model_state
   if best is not None:  # read onto this process's device: spread over the mesh again
-    params = devices.replicated(checkpoint.restore_params(workdir, which="best"))
+    params, model_state = devices.replicated(checkpoint.restore_variables(workdir, which="best"))
   test = classifier_split_metrics(config, task, run["eval_step"], params, devices,
-                                  config.data.test_split)
+                                  config.data.test_split, model_state)
   plan = run["plan"]
   summary = {"command": command, "workdir": str(workdir), "init_from": str(init_from) if init_from else None,
              "model": config.model.name, "strategy": config.finetune.strategy, "best_valid": best,
@@ -374,9 +376,11 @@ def _classifier_summary(config, run, init_from, command="finetune", tokenizer_fr
   return summary
 
 
-def classifier_split_metrics(config, task, eval_step, params, devices, split) -> dict:
+def classifier_split_metrics(config, task, eval_step, params, devices, split,
+                             model_state=None) -> dict:
   out = task.kind.evaluate(config, task.tokenizer, task.model, params, devices, split,
-                           max_examples=config.data.test_max_examples, eval_step=eval_step)
+                           max_examples=config.data.test_max_examples, eval_step=eval_step,
+                           model_state=model_state)
   # The confusion matrix's rows count the split's labels: the share of the train split's most
   # common label is what always predicting it would score.
   label_counts = np.sum(out["confusion"], axis=1)
@@ -386,14 +390,16 @@ def classifier_split_metrics(config, task, eval_step, params, devices, split) ->
 
 
 def _load_run(workdir, which, step=None):
+  """(config, tokenizer, model, params, model_state) of a workdir's checkpoint; `model_state` is a
+  batch-normalised head's running averages (`{}` for other models), which applying it needs."""
   workdir = pathlib.Path(workdir)
   config = checkpoint.load_config(workdir)
   tokenizer = tokenizers.load_tokenizer(workdir / "tokenizer")
   from jaxlm import models
   family = models.family_of(config.model.name)
   model = family.build(config.model, tokenizer.vocab_size)
-  params = checkpoint.restore_params(workdir, step=step, which=which)
-  return config, tokenizer, model, params
+  params, model_state = checkpoint.restore_variables(workdir, step=step, which=which)
+  return config, tokenizer, model, params, model_state
 
 
 def evaluate(workdir, *, split="test", which="best", max_examples=0, step=None) -> dict:
@@ -414,10 +420,10 @@ def evaluate(workdir, *, split="test", which="best", max_examples=0, step=None) 
     _log(f"{split}: ensemble of {len(out['members'])}: accuracy {out['accuracy']:.4f}, loss "
          f"{out['loss']:.4f} on {int(out['count']):,} examples")
     return out
-  config, tokenizer, model, params = _load_run(workdir, which, step)
+  config, tokenizer, model, params, model_state = _load_run(workdir, which, step)
   kind = tasks.TASKS[config.task]
   out = kind.evaluate(config, tokenizer, model, params, loop.Devices.create(1), split,
-                      max_examples=max_examples)
+                      max_examples=max_examples, model_state=model_state)
   _log(f"{split}: {kind.describe(out)}")
   if "confusion" in out:
     _log("confusion matrix (rows = label, columns = prediction):")
@@ -450,20 +456,20 @@ def predict(workdir, texts, *, which="best", step=None) -> list[dict]:
     out = [{"text": t, "label": int(np.argmax(r)), "probability": float(np.max(r))}
            for t, r in zip(texts, probs)]
   else:
-    config, tokenizer, model, params = _load_run(workdir, which, step)
+    config, tokenizer, model, params, model_state = _load_run(workdir, which, step)
     if config.task != "classifier":
       raise ConfigError(f"{workdir} holds a {config.task} run; predict needs a classifier workdir")
-    out = classify(config, tokenizer, model, params, texts)
+    out = classify(config, tokenizer, model, params, texts, model_state)
   for row in out:
     print(_json_line(row), flush=True)
   return out
 
 
-def classify(config, tokenizer, model, params, texts) -> list[dict]:
+def classify(config, tokenizer, model, params, texts, model_state=None) -> list[dict]:
   """`{"text", "label", "probability"}` for each text, in order: what `predict` prints, for a run
   already in memory (`jaxlm.load(workdir).predict`)."""
   texts = list(texts)
-  probs = class_probabilities(config, tokenizer, model, params, texts)
+  probs = class_probabilities(config, tokenizer, model, params, texts, model_state)
   out = []
   for text, row in zip(texts, probs):
     label = int(np.argmax(row))
@@ -471,9 +477,10 @@ def classify(config, tokenizer, model, params, texts) -> list[dict]:
   return out
 
 
-def class_probabilities(config, tokenizer, model, params, texts) -> np.ndarray:
+def class_probabilities(config, tokenizer, model, params, texts, model_state=None) -> np.ndarray:
   """[len(texts), classes] float64 probabilities, rows in the order of `texts`, the texts read as
-  training read them (the run's tokenizer, data.reverse, data.truncate, max_len)."""
+  training read them (the run's tokenizer, data.reverse, data.truncate, max_len); `model_state`
+  (a batch-normalised head's running averages) is applied with the params."""
   texts = list(texts)
   probs = np.zeros((len(texts), max(2, config.model.num_classes)), np.float64)
   if not texts:
@@ -483,9 +490,10 @@ def class_probabilities(config, tokenizer, model, params, texts) -> np.ndarray:
   batches = tasks.classification_batches(config, tokenizer, [Record(t, 0) for t in texts],
                                          shuffle=False, seed=0,
                                          batch_size=config.data.eval_batch_size, include_index=True)
-  forward = jax.jit(lambda p, tokens, lengths: model.apply({"params": p}, tokens, lengths))
+  forward = jax.jit(lambda p, s, tokens, lengths: model.apply({"params": p, **s}, tokens, lengths))
   for batch in batches.epoch_batches():
-    logits = np.asarray(forward(params, batch["tokens"], batch["lengths"]), np.float64)
+    logits = np.asarray(forward(params, model_state or {}, batch["tokens"], batch["lengths"]),
+                        np.float64)
     if config.model.loss == "bce":
       p1 = 1.0 / (1.0 + np.exp(-logits[:, 0]))
       batch_probs = np.stack([1.0 - p1, p1], axis=1)

@@ -45,8 +45,8 @@ def probabilities(workdirs, texts, *, which: str = "best") -> tuple[np.ndarray, 
   _check_compatible([checkpoint.load_config(p) for p in paths], paths)
   each = []
   for path in paths:
-    config, tokenizer, model, params = commands._load_run(path, which)
-    each.append(commands.class_probabilities(config, tokenizer, model, params, texts))
+    config, tokenizer, model, params, model_state = commands._load_run(path, which)
+    each.append(commands.class_probabilities(config, tokenizer, model, params, texts, model_state))
   return np.mean(each, axis=0), each
 
 

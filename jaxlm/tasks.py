@@ -53,15 +53,16 @@ class TaskKind:
     return {}
 
   def evaluate(self, config, tokenizer, model, params, devices, split: str, *,
-               max_examples: int = 0, eval_step=None) -> dict:
-    """Metrics of `params` on `split` of the config's source, from the config alone (no train
-    data is read): what `jaxlm evaluate` and the end-of-run test pass share."""
+               max_examples: int = 0, eval_step=None, model_state=None) -> dict:
+    """Metrics of `params` (and `model_state`, a batch-normalised head's running averages) on
+    `split` of the config's source, from the config alone (no train data is read): what
+    `jaxlm evaluate` and the end-of-run test pass share."""
     records = read_split(config, split, labeled=self.labeled, max_examples=max_examples)
     return self.evaluate_records(config, tokenizer, model, params, devices, records,
-                                 eval_step=eval_step)
+                                 eval_step=eval_step, model_state=model_state)
 
   def evaluate_records(self, config, tokenizer, model, params, devices, records: list, *,
-                       eval_step=None) -> dict:
+                       eval_step=None, model_state=None) -> dict:
     """Metrics of `params` on `records` (a split's, or the texts given to
     `jaxlm.load(workdir).perplexity`)."""
     batches = self.batches(config, tokenizer, records, shuffle=False, seed=0,
@@ -70,7 +71,8 @@ class TaskKind:
     carry = None
     if self.stream(config):
       carry = models.family_of(config.model.name).initial_carry(config.model, batches.batch_size)
-    out = evaluate_batches(eval_step, params, batches.epoch_batches(), devices, carry=carry)
+    out = evaluate_batches(eval_step, params, batches.epoch_batches(), devices, carry=carry,
+                           model_state=model_state)
     out["records"] = len(records)
     return out
 
@@ -104,7 +106,9 @@ class ClassifierTask(TaskKind):
   plot_metric = "accuracy"
 
   def loss(self, config, model):
-    return steps.classifier_loss(model, config.model.loss, config.model.num_classes)
+    family = models.family_of(config.model.name)
+    return steps.classifier_loss(model, config.model.loss, config.model.num_classes,
+                                 inputs=lambda batch: family.init_args(self.name, batch))
 
   def batches(self, config, tokenizer, records, *, shuffle, seed, batch_size=None):
     return classification_batches(config, tokenizer, records, shuffle=shuffle, seed=seed,
@@ -156,9 +160,13 @@ class Task:
     return self.train_batches.batch(0, 0)
 
   def init_params(self, seed: int):
+    return self.init_variables(seed)[0]
+
+  def init_variables(self, seed: int):
+    """(params, model_state): the model's initial variables, split as TrainState holds them."""
     rngs = {"params": jax.random.key(seed), "dropout": jax.random.key(seed + 1)}
     args = self.family.init_args(self.kind.name, self.example_batch())
-    return self.model.init(rngs, *args)["params"]
+    return steps.split_variables(self.model.init(rngs, *args))
 
   def tokens_in(self, batch: dict) -> float:
     return self.kind.tokens_in(batch)
@@ -258,14 +266,15 @@ def classification_batches(config, tokenizer, records: list, *, shuffle: bool, s
                                         include_index=include_index)
 
 
-def evaluate_batches(eval_step, params, batch_iter, devices, *, carry=None, max_batches: int = 0) -> dict:
+def evaluate_batches(eval_step, params, batch_iter, devices, *, carry=None, max_batches: int = 0,
+                     model_state=None) -> dict:
   """Sums an eval step's metrics over batches and summarizes them (see jaxlm/metrics.py)."""
   from jaxlm import metrics as metrics_lib
   total = None
   for i, batch in enumerate(batch_iter):
     if max_batches and i >= max_batches:
       break
-    batch_metrics, carry = eval_step(params, devices.shard_batch(batch), carry)
+    batch_metrics, carry = eval_step(params, devices.shard_batch(batch), carry, model_state)
     total = metrics_lib.accumulate(total, batch_metrics)
   if total is None:
     raise DataError("evaluation got no batches: the held-out split is empty")

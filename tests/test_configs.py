@@ -76,7 +76,7 @@ def test_config_init_and_train_step_shapes(name, config):
   rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
   init = lambda b: model.init(rngs, *family.init_args(config.task, b))
   loss_fn = tasks.TASKS[config.task].loss(config, model)
-  params = jax.eval_shape(init, batch)["params"]
+  params, model_state = steps.split_variables(jax.eval_shape(init, batch))  # + batch statistics
   width = config.model.get("embed_dim", config.model.get("d_model"))
   assert params["embed"]["embedding"].shape == (vocab_size, width)
 
@@ -87,13 +87,15 @@ def test_config_init_and_train_step_shapes(name, config):
   # Every phase of a gradual strategy has its own optimizer and jitted step: trace each.
   for epoch in range(plan.num_phases):
     tx = strategies.build_optimizer(config.optim, params, plan, epoch, total_steps=1000)
-    state = jax.eval_shape(lambda p: steps.create_state(p, tx, config.train.seed), params)
+    state = jax.eval_shape(lambda p, s: steps.create_state(p, tx, config.train.seed, s), params,
+                           model_state)
     train_step = steps.make_train_step(loss_fn, tx, plan.trainable_mask(params, epoch))
     new_state, metrics, _ = jax.eval_shape(train_step, state, batch, carry)
     same = jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype),
                         state.params, new_state.params)
     assert all(jax.tree.leaves(same)), f"{name}: train step changes param shapes (epoch {epoch})"
     assert jax.tree.structure(new_state.opt_state) == jax.tree.structure(state.opt_state)
+    assert jax.tree.structure(new_state.model_state) == jax.tree.structure(state.model_state)
     assert metrics["loss_sum"].shape == () and metrics["grad_norm"].shape == ()
     if config.task == "classifier":
       k = config.model.num_classes

@@ -79,7 +79,7 @@ def lm(tmp_path_factory):
 
 def test_exported_lm_gives_pytorch_the_same_logits_and_nll(lm):
   export = lm / "lm" / "export"
-  config, tokenizer, model, params = commands._load_run(lm / "lm", "latest")
+  config, tokenizer, model, params, _ = commands._load_run(lm / "lm", "latest")
   tensors = load_file(export / "model.safetensors")
   assert sorted(tensors) == sorted(
       ["embedding.weight", "decoder.weight", "decoder.bias"]

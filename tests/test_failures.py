@@ -57,11 +57,11 @@ def nan_on_partial_batches(monkeypatch):
   def loss(self, config, model):
     inner = original(self, config, model)
 
-    def poisoned(params, batch, carry, rng, train):
-      loss_sum, metrics, carry = inner(params, batch, carry, rng, train)
+    def poisoned(params, batch, carry, rng, train, **model_state):
+      loss_sum, metrics, *rest = inner(params, batch, carry, rng, train, **model_state)
       partial = jnp.sum(batch["weights"]) < batch["weights"].shape[0]
       poison = jnp.where(partial & train, jnp.nan, 1.0)
-      return loss_sum * poison, dict(metrics, loss_sum=metrics["loss_sum"] * poison), carry
+      return loss_sum * poison, dict(metrics, loss_sum=metrics["loss_sum"] * poison), *rest
 
     return poisoned
 

@@ -339,7 +339,7 @@ def test_megabyte_texts_are_encoded_and_truncated(toks):
 def trainer(runs):
   """The word run's classifier with a fresh Adam state, carried across examples (the buffers are
   donated each step): hostile batches one after another, as a training run would see them."""
-  config, tokenizer, model, params = commands._load_run(runs["word"], "latest")
+  config, tokenizer, model, params, _ = commands._load_run(runs["word"], "latest")
   tx = optax.adam(1e-2)
   loss_fn = steps.classifier_loss(model, config.model.loss, config.model.num_classes)
   return {"tokenizer": tokenizer, "step": steps.make_train_step(loss_fn, tx),

@@ -47,18 +47,36 @@ def masked_pool(outputs: Array, last: Array, lengths: Array, pooling: str) -> Ar
 
 
 class MLPHead(nn.Module):
-  """ULMFiT-style head: dropout -> Dense(hidden) -> ReLU -> dropout -> Dense(num_outputs).
+  """ULMFiT-style head: dropout -> Dense(hidden) -> ReLU -> dropout -> Dense(num_outputs), or with
+  `batchnorm` ULMFiT's own: BatchNorm -> dropout -> Dense(hidden) -> ReLU -> BatchNorm -> dropout
+  -> Dense(num_outputs) (fastai's PoolingLinearClassifier, `dropout` then `last_dropout`).
 
-  ULMFiT also batch-normalises; left out so the train step needs no mutable batch statistics.
+  Batch norm keeps running averages in the `batch_stats` collection: training (`deterministic=
+  False`) normalises by the batch's statistics and updates them, so it must be applied with
+  `mutable=["batch_stats"]`; evaluation normalises by the running averages, so an example's output
+  never depends on the other rows of its batch. `weights [B]` (a batch's example weights) keeps the
+  rows weighted 0, the filler rows of a partial batch, out of the statistics. Momentum and epsilon
+  are PyTorch's BatchNorm1d defaults (0.1 and 1e-5; flax's `momentum` is 1 - PyTorch's); unlike
+  PyTorch, the running variance is updated with the biased batch variance (flax's choice).
   """
   hidden: int
   num_outputs: int
   dropout: float = 0.0
+  batchnorm: bool = False
+  last_dropout: float = 0.0   # before the last Dense with `batchnorm` (without it: `dropout`)
 
   @nn.compact
-  def __call__(self, x, *, deterministic=True):
-    x = nn.Dense(self.hidden, name="hidden")(x)
-    x = nn.Dropout(self.dropout)(nn.relu(x), deterministic=deterministic)
+  def __call__(self, x, weights=None, *, deterministic=True):
+    if not self.batchnorm:
+      x = nn.Dense(self.hidden, name="hidden")(x)
+      x = nn.Dropout(self.dropout)(nn.relu(x), deterministic=deterministic)
+      return nn.Dense(self.num_outputs, name="out")(x)
+    mask = None if weights is None else (weights > 0)[:, None]
+    norm = lambda name: nn.BatchNorm(use_running_average=deterministic, momentum=0.9,
+                                     epsilon=1e-5, use_fast_variance=False, name=name)
+    x = nn.Dropout(self.dropout)(norm("bn_in")(x, mask=mask), deterministic=deterministic)
+    x = nn.relu(nn.Dense(self.hidden, name="hidden")(x))
+    x = nn.Dropout(self.last_dropout)(norm("bn_hidden")(x, mask=mask), deterministic=deterministic)
     return nn.Dense(self.num_outputs, name="out")(x)
 
 
@@ -71,9 +89,12 @@ class LSTMClassifier(nn.Module):
   `dropout`), `dropout_output` on the pooled features; `variational` shares the embedding and
   between-layer masks over time and `weight_drop` is DropConnect on W_hh, as in the LM (AWD-LSTM).
   All need the 'dropout' rng when training. `dtype` is the compute dtype (None: the params').
+  `head_batchnorm` makes the MLP head ULMFiT's batch-normalised one (MLPHead): `dropout_output`
+  then moves after its first BatchNorm and `head_dropout` sits before its last Dense.
 
-  `__call__(tokens [B,T], lengths [B], *, deterministic=True) -> logits [B, num_outputs]`
-  (float32 for a bf16 `dtype`).
+  `__call__(tokens [B,T], lengths [B], weights [B] | None, *, deterministic=True) -> logits
+  [B, num_outputs]` (float32 for a bf16 `dtype`); `weights` (0 for filler rows) only matters to a
+  batch-normalised head in training.
   """
   vocab_size: int
   embed_dim: int = 100
@@ -86,6 +107,8 @@ class LSTMClassifier(nn.Module):
   dropout_hidden: float = 0.0
   dropout_output: float = 0.0
   head_hidden: int = 0
+  head_batchnorm: bool = False
+  head_dropout: float = 0.0
   variational: bool = False
   weight_drop: float = 0.0
   impl: str = "fused"
@@ -93,7 +116,8 @@ class LSTMClassifier(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, tokens: Array, lengths: Array, *, deterministic: bool = True) -> Array:
+  def __call__(self, tokens: Array, lengths: Array, weights: Array | None = None, *,
+               deterministic: bool = True) -> Array:
     if self.pooling not in POOLINGS:
       raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
     lengths = jnp.asarray(lengths, jnp.int32)
@@ -109,6 +133,10 @@ class LSTMClassifier(nn.Module):
     # Pooling (a mean over up to max_len steps) and the head in float32, whatever the compute dtype.
     wide = lambda a: a.astype(jnp.promote_types(a.dtype, jnp.float32))
     features = masked_pool(wide(outputs), wide(states[-1][1]), lengths, self.pooling)
+    if self.head_batchnorm:  # ULMFiT's order: BatchNorm before the features' dropout
+      return MLPHead(self.head_hidden, self.num_outputs, self.dropout_output, batchnorm=True,
+                     last_dropout=self.head_dropout, name="head")(
+                         features, weights, deterministic=deterministic)
     features = nn.Dropout(self.dropout_output)(features, deterministic=deterministic)
     if self.head_hidden > 0:
       return MLPHead(self.head_hidden, self.num_outputs, self.dropout_output, name="head")(

@@ -76,7 +76,10 @@ class LSTMFamily(ModelFamily):
     return dict(_SHARED, bidirectional=False,
                 pooling="mean" if model_name == "sentiment_net" else "last",  # last|mean|max|concat
                 dropout_output=0.3, variational=False,
-                head_hidden=0)                 # 0 = one Dense; >0 = ULMFiT-style MLP head
+                head_hidden=0,                 # 0 = one Dense; >0 = ULMFiT-style MLP head
+                # ULMFiT's batch-normalised MLP head (needs head_hidden > 0): BatchNorm ->
+                # dropout_output -> Dense -> ReLU -> BatchNorm -> head_dropout -> Dense
+                head_batchnorm=False, head_dropout=0.1)
 
   def validate(self, config):
     super().validate(config)
@@ -90,6 +93,19 @@ class LSTMFamily(ModelFamily):
     for key, allowed in choices.items():
       if model_cfg[key] not in allowed:
         raise ConfigError(f"config.model.{key}={model_cfg[key]!r} is not one of {', '.join(allowed)}")
+    if model_cfg.name != "lstm_lm":
+      self._validate_head(model_cfg)
+
+  @staticmethod
+  def _validate_head(model_cfg):
+    batchnorm = model_cfg.head_batchnorm
+    if not isinstance(batchnorm, bool):
+      raise ConfigError(f"config.model.head_batchnorm must be True or False, got {batchnorm!r}")
+    if batchnorm and model_cfg.head_hidden < 1:
+      raise ConfigError("config.model.head_batchnorm=True needs an MLP head: set "
+                        "config.model.head_hidden > 0 (ULMFiT uses 50)")
+    if not 0.0 <= model_cfg.head_dropout < 1.0:
+      raise ConfigError(f"config.model.head_dropout must be in [0, 1), got {model_cfg.head_dropout}")
 
   def build(self, model_cfg, vocab_size):
     from jaxlm.models import classifiers, lm
@@ -109,8 +125,15 @@ class LSTMFamily(ModelFamily):
         num_layers=cfg.num_layers, num_outputs=1 if cfg.loss == "bce" else cfg.num_classes,
         bidirectional=cfg.bidirectional, pooling=cfg.pooling, dropout_embed=cfg.dropout_embed,
         dropout_hidden=cfg.dropout_hidden, dropout_output=cfg.dropout_output,
-        head_hidden=cfg.head_hidden, variational=cfg.variational, weight_drop=cfg.weight_drop,
+        head_hidden=cfg.head_hidden, head_batchnorm=cfg.head_batchnorm,
+        head_dropout=cfg.head_dropout, variational=cfg.variational, weight_drop=cfg.weight_drop,
         impl=cfg.impl, dtype=jnp.dtype(cfg.dtype))
+
+  def init_args(self, task_kind, batch):
+    """A classifier also takes the batch's example weights: a batch-normalised head keeps the
+    filler rows (weight 0) of a partial batch out of its statistics."""
+    args = super().init_args(task_kind, batch)
+    return args if task_kind == "lm" else (*args, batch.get("weights"))
 
   def initial_carry(self, model_cfg, batch_size):
     """All-zero LSTM state, a (c, h) pair per layer: the start of stream-mode LM training."""
@@ -129,6 +152,9 @@ class LSTMFamily(ModelFamily):
       raise ConfigError("config.model.output='adaptive' has no PyTorch counterpart to export to "
                         "(nn.AdaptiveLogSoftmaxWithLoss has no tail biases); export a full or "
                         "sampled LM")
+    if cfg.get("head_batchnorm", False):
+      raise ConfigError("config.model.head_batchnorm=True has no PyTorch export yet (its running "
+                        "statistics are not model params); export a run without it")
     bidirectional = bool(cfg.get("bidirectional", False))
     arch = dict(embedding=dict(num_embeddings=vocab_size, embedding_dim=cfg.embed_dim),
                 lstm=dict(input_size=cfg.embed_dim, hidden_size=cfg.hidden_size,

@@ -66,7 +66,7 @@ class Devices:
 class Hooks:
   """What the loop asks of the task and the strategy, besides the batches."""
   train_step_for_epoch: Callable[[int], Callable]   # strategy: one jitted step per phase
-  evaluate: Callable[[Any], dict]                   # params -> summarized eval metrics
+  evaluate: Callable[[Any], dict]                   # TrainState -> summarized eval metrics
   tokens_in: Callable[[dict], float]                # batch -> tokens processed (for tokens/s)
   carry_init: Callable[[], Any] | None = None       # stream-mode LM state between batches
   select_metric: str | None = None                  # keep the best checkpoint by this eval metric
@@ -233,7 +233,7 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
           emit({"step": step, "epoch": epoch + 1, "split": "train", **_scalars(summary)})
           total, tokens, t0 = None, 0.0, time.perf_counter()
         if eval_due:
-          last_eval = hooks.evaluate(state.params)
+          last_eval = hooks.evaluate(state)
           if last_eval:
             emit({"step": step, "epoch": epoch + 1, "split": "valid", **_scalars(last_eval)})
             say(f"step {step}: valid " + ", ".join(f"{k} {v:.4g}" for k, v in _scalars(last_eval).items()
@@ -276,9 +276,12 @@ def state_dict(state, carry: Any = None) -> dict:
   """The checkpointed form of a TrainState: a plain dict, as jaxlm/checkpoint.py stores it.
 
   Stream-mode LM training also stores `carry`, the LSTM state the next batch starts from: without
-  it a resumed run would restart that state at zero and diverge from the uninterrupted run.
+  it a resumed run would restart that state at zero and diverge from the uninterrupted run. A
+  model with batch statistics stores them as `model_state` (other runs' checkpoints lack the key).
   """
   out = {"step": state.step, "params": state.params, "opt_state": state.opt_state, "rng": state.rng}
+  if state.model_state:
+    out["model_state"] = state.model_state
   if carry is not None:
     out["carry"] = carry
   return out

@@ -1,8 +1,8 @@
 """Pure train and eval steps, jitted once per model, optimizer and trainable mask.
 
 A step is `train_step(state, batch, carry) -> (state, metrics, carry)`:
-- `state` is a `TrainState` pytree (step, params, opt_state, rng) and is donated, so params are
-  updated in place on every backend;
+- `state` is a `TrainState` pytree (step, params, opt_state, rng, model_state) and is donated, so
+  params are updated in place on every backend;
 - `batch` is a dict of arrays (see jaxlm/batching.py), sharded along its leading axis when several
   devices are used - the same code runs on one CPU, 8 simulated CPUs, a GPU or a TPU slice;
 - `carry` is the LSTM state carried between consecutive batches in stream-mode LM training
@@ -12,6 +12,11 @@ A step is `train_step(state, batch, carry) -> (state, metrics, carry)`:
 Losses are written once per task (`lm_loss`, `classifier_loss`) and plugged into the same step
 builder. Freezing works by differentiating only the trainable partition of the params: frozen
 leaves enter the loss as constants, so XLA never builds their backward pass.
+
+`model_state` holds a model's variables that are not params - the running averages (`batch_stats`)
+of ULMFiT's batch-normalised head, `{}` for every other model. The train step updates them from
+each batch (as PyTorch's BatchNorm does in train mode, also while a frozen strategy keeps the
+head's params fixed); evaluation reads them and changes nothing.
 """
 from __future__ import annotations
 
@@ -31,15 +36,34 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array  # raw uint32 key data, so checkpoints need no typed-key support
+  # Non-param collections, e.g. {"batch_stats": ...}; {} (checkpoints of such runs lack it).
+  model_state: Any = flax.struct.field(default_factory=dict)
 
 
-def create_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def create_state(params, tx: optax.GradientTransformation, seed: int,
+                 model_state=None) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=jax.random.key_data(jax.random.key(seed)))
+                    rng=jax.random.key_data(jax.random.key(seed)), model_state=model_state or {})
+
+
+def split_variables(variables) -> tuple[Any, dict]:
+  """`model.init`'s variables -> (params, model_state: every other collection)."""
+  return variables["params"], {k: v for k, v in variables.items() if k != "params"}
 
 
 # A loss function maps (params, batch, carry, rng, train) -> (loss_sum, metric sums, new carry).
-LossFn = Callable[..., tuple[jax.Array, dict, Any]]
+# Given `model_state=` (a dict, maybe {}), it applies the model with those collections too and,
+# as flax's `apply(mutable=...)` does, also returns them: updated when training, as given otherwise.
+LossFn = Callable[..., tuple]
+
+
+def _apply(model, params, model_state, args, train, rng):
+  """`model.apply` with `model_state`'s collections, mutable when training: (output, new state)."""
+  variables = {"params": params, **(model_state or {})}
+  kwargs = dict(deterministic=not train, rngs={"dropout": rng} if train else None)
+  if train and model_state:
+    return model.apply(variables, *args, mutable=list(model_state), **kwargs)
+  return model.apply(variables, *args, **kwargs), model_state
 
 
 def lm_loss(model) -> LossFn:
@@ -50,27 +74,34 @@ def lm_loss(model) -> LossFn:
   """
   sampled = getattr(model, "output", "full") == "sampled"
 
-  def loss(params, batch, carry, rng, train):
+  def loss(params, batch, carry, rng, train, model_state=None):
     nll, final_state = model.apply(
-        {"params": params}, batch["inputs"], batch["targets"], batch["lengths"],
-        deterministic=not train, initial_state=carry, rngs={"dropout": rng} if train else None)
+        {"params": params, **(model_state or {})}, batch["inputs"], batch["targets"],
+        batch["lengths"], deterministic=not train, initial_state=carry,
+        rngs={"dropout": rng} if train else None)
     weights = batch["weights"]
     loss_sum = jnp.sum(nll * weights)
     metrics = {"loss_sum": loss_sum, "weight_sum": jnp.sum(weights)}
     if sampled and train:
       metrics["sampled_batches"] = jnp.ones((), jnp.float32)
     new_carry = None if carry is None else jax.lax.stop_gradient(final_state)
-    return loss_sum, metrics, new_carry
+    out = loss_sum, metrics, new_carry
+    return out if model_state is None else (*out, model_state)
 
   return loss
 
 
-def classifier_loss(model, loss_kind: str, num_classes: int) -> LossFn:
-  """BCE-with-logits on one logit (seeds 002/003) or softmax cross-entropy (seed 000)."""
+def classifier_loss(model, loss_kind: str, num_classes: int, inputs=None) -> LossFn:
+  """BCE-with-logits on one logit (seeds 002/003) or softmax cross-entropy (seed 000).
 
-  def loss(params, batch, carry, rng, train):
-    logits = model.apply({"params": params}, batch["tokens"], batch["lengths"],
-                         deterministic=not train, rngs={"dropout": rng} if train else None)
+  `inputs(batch)` are the model's positional arguments (its family's `init_args`; by default
+  tokens and lengths): an LSTM classifier also takes the example weights, which keep the filler
+  rows of a partial batch out of a batch-normalised head's statistics.
+  """
+  inputs = inputs or (lambda batch: (batch["tokens"], batch["lengths"]))
+
+  def loss(params, batch, carry, rng, train, model_state=None):
+    logits, new_state = _apply(model, params, model_state, inputs(batch), train, rng)
     labels, weights = batch["labels"], batch["weights"]
     if loss_kind == "bce":
       logit = logits[:, 0]
@@ -83,7 +114,8 @@ def classifier_loss(model, loss_kind: str, num_classes: int) -> LossFn:
     confusion = jnp.zeros((num_classes, num_classes), jnp.float32).at[labels, predictions].add(weights)
     metrics = {"loss_sum": loss_sum, "weight_sum": jnp.sum(weights),
                "correct": jnp.sum((predictions == labels) * weights), "confusion": confusion}
-    return loss_sum, metrics, carry
+    out = loss_sum, metrics, carry
+    return out if model_state is None else (*out, jax.lax.stop_gradient(new_state))
 
   return loss
 
@@ -91,8 +123,8 @@ def classifier_loss(model, loss_kind: str, num_classes: int) -> LossFn:
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, trainable_mask=None):
   """Builds the jitted train step; `trainable_mask` (a bool pytree like params) freezes the rest.
 
-  A batch whose loss or gradient norm is not finite changes nothing: params and optimizer state
-  keep their values (a select, exact otherwise) and its metrics are zeros except `nonfinite` = 1,
+  A batch whose loss or gradient norm is not finite changes nothing: params, optimizer state and
+  model state (batch statistics) keep their values (a select, exact otherwise) and its metrics are zeros except `nonfinite` = 1,
   so the state the loop may checkpoint is never poisoned. The loop decides whether that stops the
   run or only skips the batch (`config.train.on_nonfinite`).
   """
@@ -103,10 +135,12 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, trainable
 
     def objective(trainable_params):
       params = strategies.merge_params(trainable_params, frozen)
-      loss_sum, metrics, new_carry = loss_fn(params, batch, carry, rng, True)
-      return loss_sum / jnp.maximum(metrics["weight_sum"], 1.0), (metrics, new_carry)
+      loss_sum, metrics, new_carry, model_state = loss_fn(params, batch, carry, rng, True,
+                                                          model_state=state.model_state)
+      return loss_sum / jnp.maximum(metrics["weight_sum"], 1.0), (metrics, new_carry, model_state)
 
-    (loss, (metrics, new_carry)), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+    (loss, (metrics, new_carry, model_state)), grads = jax.value_and_grad(
+        objective, has_aux=True)(trainable)
     grads = strategies.merge_params(grads, strategies.zeros_like_frozen(frozen))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -114,20 +148,25 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, trainable
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+    model_state = keep(model_state, state.model_state)
     metrics = jax.tree.map(lambda m: jnp.where(finite, m, jnp.zeros_like(m)), metrics)
     metrics = dict(metrics, grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
     if new_carry is not None and carry is not None:
       new_carry = keep(new_carry, carry)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics, new_carry
+    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                          model_state=model_state)
+    return state, metrics, new_carry
 
   return jax.jit(train_step, donate_argnums=(0,))
 
 
 def make_eval_step(loss_fn: LossFn):
-  """Jitted eval step: deterministic forward pass, metric sums only."""
+  """Jitted eval step: deterministic forward pass (batch norm from its running averages in
+  `model_state`), metric sums only."""
 
-  def eval_step(params, batch, carry=None):
-    _, metrics, new_carry = loss_fn(params, batch, carry, None, False)
+  def eval_step(params, batch, carry=None, model_state=None):
+    _, metrics, new_carry, _ = loss_fn(params, batch, carry, None, False,
+                                       model_state=model_state or {})
     return metrics, new_carry
 
   return jax.jit(eval_step)
