@@ -21,6 +21,8 @@ from jaxlm.errors import ConfigError
 def members(workdirs) -> list[pathlib.Path]:
   """`A,B` or a list -> paths; at least one."""
   if isinstance(workdirs, (str, pathlib.Path)):
+    if pathlib.Path(str(workdirs)).exists():  # one workdir whose name has a comma
+      return [pathlib.Path(str(workdirs))]
     workdirs = [w for w in str(workdirs).split(",") if w.strip()]
   paths = [pathlib.Path(str(w).strip()) for w in workdirs]
   if not paths:

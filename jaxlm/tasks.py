@@ -233,12 +233,17 @@ def read_split(config, split: str, *, labeled: bool, max_examples: int = 0) -> l
   return records
 
 
-def encode(config, tokenizer, texts: list[str]) -> list[np.ndarray]:
+def encode(config, tokenizer, texts: list[str], max_len: int | None = None) -> list[np.ndarray]:
   """Token ids of each text, in reading order, or last token first with `data.reverse` (a
-  backward model: ULMFiT pairs a forward and a backward LM and averages their classifiers)."""
+  backward model: ULMFiT pairs a forward and a backward LM and averages their classifiers).
+
+  `max_len` (classifiers) cuts each text by `data.truncate` *before* it is reversed, so a forward
+  and a backward model read the same part of a long text.
+  """
   ids = tokenizer.encode_batch(texts)
   if config.data.get("reverse", False):
-    ids = [row[::-1].copy() for row in ids]
+    how = config.data.get("truncate", "head")
+    ids = [(batching.truncated(row, max_len, how) if max_len else row)[::-1].copy() for row in ids]
   return ids
 
 
@@ -257,7 +262,7 @@ def lm_batches(config, tokenizer, texts: list[str], *, shuffle: bool, seed: int,
 
 def classification_batches(config, tokenizer, records: list, *, shuffle: bool, seed: int,
                            batch_size: int | None = None, include_index: bool = False):
-  ids = encode(config, tokenizer, [r.text for r in records])
+  ids = encode(config, tokenizer, [r.text for r in records], max_len=config.data.max_len)
   labels = np.array([r.label for r in records], dtype=np.int32)
   return batching.ClassificationBatches(ids, labels, batch_size=batch_size or config.data.batch_size,
                                         buckets=tuple(config.data.buckets), max_len=config.data.max_len,

@@ -52,3 +52,10 @@ def test_predict_with_an_ensemble_and_bad_members(pair, capsys, tmp_path):
   assert code == 2 and len(err.strip().splitlines()) == 1
   code, _, err = run(capsys, "evaluate", "--workdir", f"{pair[0]},{pair[1]}", "--step", "1")
   assert code == 2 and "--step" in err
+
+
+def test_a_workdir_with_a_comma_in_its_name_is_one_member(tmp_path):
+  odd = tmp_path / "lr=1e-3,bs=32"
+  odd.mkdir()
+  assert ensemble.members(str(odd)) == [odd]
+  assert len(ensemble.members(f"{tmp_path / 'a'},{tmp_path / 'b'}")) == 2

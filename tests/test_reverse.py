@@ -54,3 +54,20 @@ def test_head_tail_truncation_keeps_both_ends():
   first = batch["tokens"][0].tolist()
   assert first[:2] == [tok.encode("a")[0]] * 2 and first[2:] == [tok.encode("f")[0]] * 6
   assert int(batch["lengths"][0]) == 8
+
+
+def test_a_backward_classifier_reads_the_same_part_of_a_long_text():
+  """Truncation picks the tokens in reading order; reversing comes after, so a forward and a
+  backward model of an ensemble see the same window of a long review."""
+  tok = _tokenizer()
+  text = " ".join(["a"] * 6 + ["b"] * 6 + ["c"] * 6)
+  for how in ("head", "tail", "head_tail"):
+    config = config_lib.classifier_config()
+    config.data.update(truncate=how, max_len=8, buckets=(8,), batch_size=1)
+    records = [tasks.sources.Record(text, 1)]
+    fwd = next(iter(tasks.classification_batches(config, tok, records, shuffle=False,
+                                                 seed=0).epoch_batches()))["tokens"][0]
+    config.data.reverse = True
+    bwd = next(iter(tasks.classification_batches(config, tok, records, shuffle=False,
+                                                 seed=0).epoch_batches()))["tokens"][0]
+    np.testing.assert_array_equal(bwd, fwd[::-1], err_msg=how)
