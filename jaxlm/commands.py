@@ -453,8 +453,7 @@ def predict(workdir, texts, *, which="best", step=None) -> list[dict]:
       raise ConfigError("--step names one checkpoint; an ensemble uses each member's --which one")
     texts = list(texts)
     probs, _ = ensemble.probabilities(workdir, texts, which=which)
-    out = [{"text": t, "label": int(np.argmax(r)), "probability": float(np.max(r))}
-           for t, r in zip(texts, probs)]
+    out = prediction_rows(texts, probs)
   else:
     config, tokenizer, model, params, model_state = _load_run(workdir, which, step)
     if config.task != "classifier":
@@ -469,12 +468,14 @@ def classify(config, tokenizer, model, params, texts, model_state=None) -> list[
   """`{"text", "label", "probability"}` for each text, in order: what `predict` prints, for a run
   already in memory (`jaxlm.load(workdir).predict`)."""
   texts = list(texts)
-  probs = class_probabilities(config, tokenizer, model, params, texts, model_state)
-  out = []
-  for text, row in zip(texts, probs):
-    label = int(np.argmax(row))
-    out.append({"text": text, "label": label, "probability": float(row[label])})
-  return out
+  return prediction_rows(texts, class_probabilities(config, tokenizer, model, params, texts,
+                                                    model_state))
+
+
+def prediction_rows(texts, probs) -> list[dict]:
+  """`{"text", "label", "probability"}` per text: the most probable class and its probability."""
+  return [{"text": t, "label": int(np.argmax(row)), "probability": float(np.max(row))}
+          for t, row in zip(texts, probs)]
 
 
 def class_probabilities(config, tokenizer, model, params, texts, model_state=None) -> np.ndarray:
