@@ -287,14 +287,16 @@ def lm_test_metrics(config, task, eval_step, params, devices) -> dict:
 
 
 def finetune(config, workdir, *, init_from=None, tokenizer_from=None, progress=True,
-             overwrite=False) -> dict:
+             overwrite=False, linear_baseline=None) -> dict:
   """Seeds 000/002/003/004: graft a pretrained run (optional), train with a freezing strategy,
   test the best state.
 
   The graft map is `config.finetune.graft_map`, or with `auto` the one the model's family picks
   for the source run (an LM into a classifier, a classifier into a classifier with a new head).
   `tokenizer_from` (a workdir) reuses its tokenizer without its weights: a from-scratch control
-  that differs from the grafted run in nothing but the initialisation.
+  that differs from the grafted run in nothing but the initialisation. `linear_baseline`: a
+  result of `baseline.for_config` on the same data (compare's arms, the quickstart's two
+  classifiers share one), instead of fitting it again.
   """
   config_lib.validate(config)
   init_params = tokenizer = graft_map = None
@@ -322,7 +324,8 @@ def finetune(config, workdir, *, init_from=None, tokenizer_from=None, progress=T
   run = train(config, workdir, kinds=("classifier",), init_params=init_params,
               graft_map=graft_map, tokenizer=tokenizer, progress=progress, overwrite=overwrite)
   try:
-    return _classifier_summary(config, run, init_from, tokenizer_from=tokenizer_from)
+    return _classifier_summary(config, run, init_from, tokenizer_from=tokenizer_from,
+                               linear_baseline=linear_baseline)
   finally:
     run["lock"].release()
 
@@ -347,7 +350,8 @@ def _graft_map(source_config, config, init_from):
   return family.graft_map(name)
 
 
-def _classifier_summary(config, run, init_from, command="finetune", tokenizer_from=None) -> dict:
+def _classifier_summary(config, run, init_from, command="finetune", tokenizer_from=None,
+                        linear_baseline=None) -> dict:
   workdir, task, devices = run["workdir"], run["task"], run["devices"]
   best = run["result"]["best"]
   params, model_state = run["state"].params, run["state"].model_state
@@ -368,7 +372,7 @@ def _classifier_summary(config, run, init_from, command="finetune", tokenizer_fr
              "train_records": task.info["train_records"],
              "tokenizer_from": str(tokenizer_from or init_from) if (tokenizer_from or init_from)
                                else None}
-  summary["linear_baseline"] = baseline.for_config(config)
+  summary["linear_baseline"] = linear_baseline or baseline.for_config(config)
   distributed.once(checkpoint.write_json_atomic, workdir / "summary.json", summary)
   _log(f"test accuracy {test['accuracy']:.4f} (majority class {test['majority_accuracy']:.4f}) "
        f"on {int(test['count']):,} examples; best valid {best}; "
@@ -544,7 +548,8 @@ def quickstart(config, workdir, *, progress=True) -> dict:
   lm = pretrain(config.pretrain, workdir / "lm", progress=progress)
   pre = finetune(config.finetune, workdir / "classifier_pretrained", init_from=workdir / "lm",
                  progress=progress)
-  scratch = finetune(config.finetune, workdir / "classifier_scratch", progress=progress)
+  scratch = finetune(config.finetune, workdir / "classifier_scratch", progress=progress,
+                     linear_baseline=pre["linear_baseline"])  # the same labels: fitted once
   summary = {"lm": lm, "classifier_pretrained": pre, "classifier_scratch": scratch,
              "labeled_examples": pre["train_records"], "seconds": time.perf_counter() - t0}
   checkpoint.write_json_atomic(workdir / "summary.json", summary)

@@ -117,7 +117,7 @@ def compare(config, workdir, *, init_from, strategies=DEFAULT_STRATEGIES, progre
   _check_strategies(config, arms, configs)
   for arm in arms:
     _check_existing(workdir / arm.dirname, configs[arm.name], init_from if arm.grafts else None)
-  summaries = {}
+  summaries, linear = {}, None
   for i, arm in enumerate(arms, 1):
     sub = workdir / arm.dirname
     if (sub / "summary.json").is_file():
@@ -125,9 +125,11 @@ def compare(config, workdir, *, init_from, strategies=DEFAULT_STRATEGIES, progre
            "(delete it to rerun this arm)")
     else:
       _log(f"compare {i}/{len(arms)} {arm.name}: fine-tuning into {sub}")
+      # Every arm has the same train and test records: one linear baseline serves them all.
+      linear = linear or baseline.for_config(config)
       # `scratch` reads text with the pretrained run's tokenizer: only the weights differ.
       commands.finetune(configs[arm.name], sub, init_from=init_from if arm.grafts else None,
-                        tokenizer_from=init_from, progress=progress)
+                        tokenizer_from=init_from, progress=progress, linear_baseline=linear)
       distributed.barrier(f"jaxlm compare: {arm.name} done")  # its summary.json is on disk
     # Read back from disk, also for arms just trained: a rerun then reports exactly the same.
     summaries[arm.name] = json.loads((sub / "summary.json").read_text())

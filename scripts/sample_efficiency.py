@@ -78,7 +78,8 @@ def main(argv=None) -> int:
       base = {**extra, "data.num_labeled": size, "train.seed": seed,
               "data.valid_fraction": args.valid_fraction,
               "data.test_max_examples": args.search_test_examples,
-              "finetune.select_metric": "accuracy"}  # each run's best epoch, and the search, by it
+              "finetune.select_metric": "accuracy",  # each run's best epoch, and the search, by it
+              "baseline.kind": "none"}  # fitted once per size and seed below, on the whole test split
       row = {"labels": size, "seed": seed}
       for arm in ("pretrained", "scratch"):
         tried = []
