@@ -137,9 +137,9 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
   sync_every_step = bool(tcfg.get("sync_every_step", False))
   window = metrics_lib.StepWindow()
   last = {}  # the latest fetched step: its grad norm and the schedule count it was applied at
-  # purge_step: TensorBoard hides what an interrupted run logged after this run's checkpoint.
+  # purge_step (a resumed run): TensorBoard hides what the interrupted run logged after its checkpoint.
   board = tracking.TensorBoardWriter.open(writer.path.parent, enabled=tcfg.get("tensorboard", True),
-                                          purge_step=step + 1)
+                                          purge_step=step + 1 if step else None)
 
   def emit(record: dict) -> None:
     writer.write(record)
