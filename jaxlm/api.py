@@ -177,13 +177,15 @@ def compare(config: ConfigLike, workdir: PathLike, *, init_from: PathLike | None
 
 
 def evaluate(workdir: PathLike, *, split: str = "test", which: str = "best",
-             step: int | None = None, max_examples: int = 0, verbose: bool = False) -> dict:
+             step: int | None = None, max_examples: int = 0, with_linear: bool = False,
+             verbose: bool = False) -> dict:
   """`jaxlm evaluate`: accuracy, loss and confusion matrix (classifier) or perplexity (LM) of a
-  workdir's checkpoint on `split` of its data source."""
+  workdir's checkpoint on `split` of its data source; a list of classifier workdirs (or
+  `with_linear`, the run's linear n-gram model as a member) is scored as an ensemble."""
   from jaxlm import commands
   with _quiet(verbose):
     return commands.evaluate(workdir, split=split, which=which, step=step,
-                             max_examples=max_examples)
+                             max_examples=max_examples, with_linear=with_linear)
 
 
 def quickstart(workdir: PathLike = "runs/quickstart", *, config: ConfigLike = "quickstart",

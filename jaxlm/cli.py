@@ -55,6 +55,8 @@ def _define_flags(command: str, argv: list[str]):
       flags.DEFINE_integer("max_examples", 0, "Evaluate on a seeded random subset of this many "
                            "examples (0 = the whole split).", lower_bound=0, flag_values=fv)
     flags.DEFINE_string("which", "best", "Checkpoint: best (by validation) or latest.", flag_values=fv)
+    flags.DEFINE_bool("with_linear", False, "Average in the (first) run's linear n-gram model, "
+                      "fitted on its train records (the baseline extra).", flag_values=fv)
     flags.DEFINE_integer("step", None, "Checkpoint of this step instead of --which (a damaged one is "
                          "an error, not replaced by an older step).", lower_bound=0, flag_values=fv)
   if command == "inspect":
@@ -118,12 +120,13 @@ def _run(command: str, argv: list[str]) -> None:
                     strategies=flags.strategies, progress=flags.progress)
   elif command == "evaluate":
     commands.evaluate(flags.workdir, split=flags.split, which=flags.which, step=flags.step,
-                      max_examples=flags.max_examples)
+                      max_examples=flags.max_examples, with_linear=flags.with_linear)
   elif command == "predict":
     texts = rest or _stdin_lines()
     if hasattr(sys.stdout, "reconfigure"):  # a C/latin-1 locale must not fail on a CJK text
       sys.stdout.reconfigure(encoding="utf-8")
-    commands.predict(flags.workdir, texts, which=flags.which, step=flags.step)
+    commands.predict(flags.workdir, texts, which=flags.which, step=flags.step,
+                     with_linear=flags.with_linear)
   elif command == "export":
     from jaxlm import interop
     given = [flags.workdir] if flags.workdir else []

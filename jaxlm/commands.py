@@ -406,19 +406,22 @@ def _load_run(workdir, which, step=None):
   return config, tokenizer, model, params, model_state
 
 
-def evaluate(workdir, *, split="test", which="best", max_examples=0, step=None) -> dict:
+def evaluate(workdir, *, split="test", which="best", max_examples=0, step=None,
+             with_linear=False) -> dict:
   """Accuracy, loss and confusion matrix (classifier) or perplexity (LM) from the workdir alone.
 
   `max_examples` > 0: a seeded random subset of the split (the same one for the same number).
   `step`: that checkpoint instead of the `which` one; if it is damaged that is the error, where
   `which` falls back to the newest step that loads.
-  Several classifier workdirs (`A,B` or a list) are evaluated as an ensemble (jaxlm/ensemble.py).
+  Several classifier workdirs (`A,B` or a list) are evaluated as an ensemble (jaxlm/ensemble.py);
+  `with_linear` adds the first one's linear n-gram model as a member.
   """
   from jaxlm import ensemble
-  if len(ensemble.members(workdir)) > 1:
+  if len(ensemble.members(workdir)) > 1 or with_linear:
     if step is not None:
       raise ConfigError("--step names one checkpoint; an ensemble uses each member's --which one")
-    out = ensemble.evaluate(workdir, split=split, which=which, max_examples=max_examples)
+    out = ensemble.evaluate(workdir, split=split, which=which, max_examples=max_examples,
+                            with_linear=with_linear)
     for m in out["members"]:
       _log(f"  member {m['workdir']}: accuracy {m['accuracy']:.4f}, loss {m['loss']:.4f}")
     _log(f"{split}: ensemble of {len(out['members'])}: accuracy {out['accuracy']:.4f}, loss "
@@ -448,15 +451,16 @@ def _json_line(obj) -> str:
   return line.encode("utf-8", "backslashreplace").decode("utf-8").translate(_LINE_BREAKS)
 
 
-def predict(workdir, texts, *, which="best", step=None) -> list[dict]:
+def predict(workdir, texts, *, which="best", step=None, with_linear=False) -> list[dict]:
   """Label and probability for each text, one JSON line each and in order (an empty text too),
-  from the workdir alone; several workdirs (`A,B`) average their probabilities (an ensemble)."""
+  from the workdir alone; several workdirs (`A,B`) average their probabilities (an ensemble),
+  `with_linear` with the first one's linear n-gram model as a member."""
   from jaxlm import ensemble
-  if len(ensemble.members(workdir)) > 1:
+  if len(ensemble.members(workdir)) > 1 or with_linear:
     if step is not None:
       raise ConfigError("--step names one checkpoint; an ensemble uses each member's --which one")
     texts = list(texts)
-    probs, _ = ensemble.probabilities(workdir, texts, which=which)
+    probs, _ = ensemble.probabilities(workdir, texts, which=which, linear=with_linear or None)
     out = prediction_rows(texts, probs)
   else:
     config, tokenizer, model, params, model_state = _load_run(workdir, which, step)

@@ -59,3 +59,43 @@ def test_a_workdir_with_a_comma_in_its_name_is_one_member(tmp_path):
   odd.mkdir()
   assert ensemble.members(str(odd)) == [odd]
   assert len(ensemble.members(f"{tmp_path / 'a'},{tmp_path / 'b'}")) == 2
+
+
+def test_with_linear_adds_the_runs_ngram_model_as_a_member(pair, capsys):
+  pytest.importorskip("sklearn")
+  from jaxlm import baseline, checkpoint
+  texts = ["a fine film", "dull and long", ""]
+  linear = ensemble.linear_member([pair[0]])
+  # Fitted on the run's own train records, validation hold-out excluded, like its summary's baseline.
+  config = checkpoint.load_config(pair[0])
+  assert linear.train_examples == len(baseline.train_records(config))
+  mean, each = ensemble.probabilities([pair[0]], texts, linear=linear)
+  assert len(each) == 2
+  np.testing.assert_allclose(each[1], linear.probabilities(texts, 2))
+  np.testing.assert_allclose(mean, (each[0] + each[1]) / 2)
+  # One workdir with --with_linear is an ensemble of two; the linear member's own accuracy is
+  # the figure the run's summary reports as its baseline (same train and test records).
+  code, out, err = run(capsys, "evaluate", "--workdir", str(pair[0]), "--with_linear")
+  assert code == 0, err
+  assert "ensemble of 2" in out and "linear (NB-logreg, 1-2-grams)" in out
+  result = ensemble.evaluate([pair[0]], with_linear=True)
+  summary = json.loads((pair[0] / "summary.json").read_text())
+  assert result["members"][1]["accuracy"] == pytest.approx(summary["linear_baseline"]["accuracy"])
+  assert result["members"][1]["loss"] == pytest.approx(summary["linear_baseline"]["loss"], rel=1e-6)
+  code, out, err = run(capsys, "predict", "--workdir", f"{pair[0]},{pair[1]}", "--with_linear", "great")
+  assert code == 0, err
+  row = json.loads(out.strip().splitlines()[-1])
+  assert row["text"] == "great" and 0.5 <= row["probability"] <= 1
+
+
+def test_linear_probabilities_fill_every_class_column():
+  pytest.importorskip("sklearn")
+  from jaxlm import baseline
+  texts = ["good fun", "great fun", "bad bore", "awful bore"] * 5
+  linear = baseline.fit(texts, [0, 0, 2, 2] * 5, kind="tfidf_logreg")
+  probs = linear.probabilities(["good", "bore"], num_classes=3)
+  assert probs.shape == (2, 3) and np.all(probs[:, 1] == 0)
+  np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+  assert probs[0, 0] > 0.5 and probs[1, 2] > 0.5
+  with pytest.raises(baseline.Unavailable, match="one class"):
+    baseline.fit(texts, [1] * len(texts))
