@@ -9,6 +9,11 @@ read: a workdir's or checkpoint step's shapes come from its orbax metadata
 come from the `strategies.Plan` a run trains with (the family's layer groups, `make_strategy`), so
 what inspect calls trainable is exactly what `jaxlm finetune` would train.
 
+A model with batch statistics (ULMFiT's batch-normalised head) also holds a model state beside its
+params: the `batch_stats` collection, running averages that train mode updates and no optimizer
+touches. Inspect lists it apart (`model_state`, paths `batch_stats/...`, always marked not
+trainable) with its own totals, so the parameter count stays what the optimizer and a strategy see.
+
     inspect(path_or_config, strategy=None, epoch=0, step=None, which=None) -> Inspection
     diff(a, b) -> Diff                      (a, b: Inspections, paths or configs)
     format_inspection(...), format_diff(...) -> str   (the CLI's tables; `.to_dict()` its --json)
@@ -22,6 +27,7 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -72,6 +78,12 @@ class Inspection:
   strategy: str | None = None
   epoch: int | None = None    # 0-based; only `gradual` depends on it
   trainable_parameters: int | None = None
+  # Non-trainable state (batch statistics), not counted in `parameters`: leaves with paths
+  # `batch_stats/...` and trainable=False, their subtrees, and their totals.
+  model_state: list[Leaf] = dataclasses.field(default_factory=list)
+  model_state_subtrees: list[Subtree] = dataclasses.field(default_factory=list)
+  model_state_values: int = 0
+  model_state_bytes: int = 0
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -109,6 +121,7 @@ class _Source:
   config: ml_collections.ConfigDict | None
   step: int | None = None
   workdir: pathlib.Path | None = None
+  model_state: Any = None     # abstract too: {"batch_stats": ...}, or {} / None without any
 
 
 def _resolve(path_or_config, step, which) -> _Source:
@@ -158,10 +171,12 @@ def _from_config(config, description: str) -> _Source:
   if "task" not in config and parts:
     raise ConfigError(f"{description} has several parts ({', '.join(parts)}): inspect one of them, "
                       f"as NAME:{parts[0]}")
+  from jaxlm import interop
   config_lib.validate(config)
   vocab = commands._vocab_size_for(config)  # pylint: disable=protected-access
-  params = commands._abstract_params(config, vocab)  # pylint: disable=protected-access
-  return _Source(f"{description} (abstract, vocabulary {vocab:,})", "config", params, config)
+  params, model_state = interop.abstract_variables(config, vocab)
+  return _Source(f"{description} (abstract, vocabulary {vocab:,})", "config", params, config,
+                 model_state=model_state)
 
 
 def _from_checkpoint(workdir: pathlib.Path, step, which, *, kind: str) -> _Source:
@@ -173,18 +188,25 @@ def _from_checkpoint(workdir: pathlib.Path, step, which, *, kind: str) -> _Sourc
     which = "best" if config is not None and _selects(config) else "latest"
   with checkpoint.Checkpointer(workdir, read_only=True) as ckpt:
     chosen, params = ckpt.params_metadata(step, which=which or "latest")
+    # The step is chosen and verified above; its metadata also describes `model_state` (batch
+    # statistics), which Checkpointer has no public metadata reader for.
+    stored = ckpt._stored_state(chosen)  # pylint: disable=protected-access
+  model_state = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                             dict(stored.get("model_state") or {}))
   how = "" if step is not None else f" ({which})"
-  return _Source(f"{workdir}, checkpoint step {chosen}{how}", kind, params, config, chosen, workdir)
+  return _Source(f"{workdir}, checkpoint step {chosen}{how}", kind, params, config, chosen, workdir,
+                 model_state)
 
 
 def _from_export(path: pathlib.Path) -> _Source:
   """A `jaxlm export` folder or its .safetensors file, as the jaxlm tree `--init-from` would
   read (jaxlm/interop.py: torch names mapped back, shapes checked against its config.json)."""
-  import jax
   from jaxlm import interop
   export = interop.read_export(path)
-  params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), export.params())
-  return _Source(f"{export.weights} (safetensors export)", "export", params, export.config)
+  params, model_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                     export.variables())
+  return _Source(f"{export.weights} (safetensors export)", "export", params, export.config,
+                 model_state=model_state)
 
 
 def _selects(config) -> bool:
@@ -257,15 +279,15 @@ def inspect(path_or_config, *, strategy=None, epoch: int = 0, step: int | None =
   multipliers = plan.lr_multipliers if plan else {}
   leaves = []
   for path, leaf in P.flatten(source.params).items():
-    shape = P.shape_of(leaf)
-    count = math.prod(shape)
     marks = {}
     if plan:
       group = plan.group_of(path)
       marks = dict(group=group, trainable=bool(mask[path]),
                    lr_multiplier=float(multipliers[group]) if mask[path] else 0.0)
-    leaves.append(Leaf(path, shape, str(np.dtype(leaf.dtype)), count,
-                       count * np.dtype(leaf.dtype).itemsize, **marks))
+    leaves.append(_leaf(path, leaf, **marks))
+  # Statistics are never trained by the optimizer, whatever the strategy: trainable=False always.
+  state = [_leaf(path, leaf, trainable=False)
+           for path, leaf in P.flatten(source.model_state or {}).items()]
   config = source.config
   return Inspection(
       source=source.description, kind=source.kind,
@@ -274,7 +296,16 @@ def inspect(path_or_config, *, strategy=None, epoch: int = 0, step: int | None =
       leaves=leaves, subtrees=_subtrees(leaves, with_marks=plan is not None),
       parameters=sum(l.count for l in leaves), bytes=sum(l.bytes for l in leaves),
       strategy=name, epoch=int(epoch) if plan else None,
-      trainable_parameters=sum(l.count for l in leaves if l.trainable) if plan else None)
+      trainable_parameters=sum(l.count for l in leaves if l.trainable) if plan else None,
+      model_state=state, model_state_subtrees=_subtrees(state, with_marks=False),
+      model_state_values=sum(l.count for l in state), model_state_bytes=sum(l.bytes for l in state))
+
+
+def _leaf(path: str, leaf, **marks) -> Leaf:
+  shape = P.shape_of(leaf)
+  count = math.prod(shape)
+  return Leaf(path, shape, str(np.dtype(leaf.dtype)), count, count * np.dtype(leaf.dtype).itemsize,
+              **marks)
 
 
 def _subtrees(leaves: list[Leaf], with_marks: bool) -> list[Subtree]:
@@ -342,17 +373,40 @@ def _marks(trainable: int, count: int) -> str:
 
 def format_inspection(ins: Inspection) -> str:
   """The tree as an indented table: each inner node with its totals, each leaf with its shape,
-  dtype, count and bytes (and with a strategy its marks), then the totals."""
+  dtype, count and bytes (and with a strategy its marks), then the totals; a model state
+  (batch statistics) follows in a table of its own with its own totals."""
   marked = ins.strategy is not None
   header = ["path", "shape", "dtype", "params", "bytes"] + (["train", "lr mult"] if marked else [])
-  subtrees = {s.path: s for s in ins.subtrees}
+  body = _tree_rows(ins.leaves, ins.subtrees, marked)
+  what = f"{ins.model} ({ins.task})" if ins.model else "parameters"
+  lines = [f"{what}: {ins.source}", *_table(header, body, right=(3, 4)),
+           f"total: {ins.parameters:,} parameters in {len(ins.leaves)} arrays, {ins.bytes:,} bytes "
+           f"({human_bytes(ins.bytes)})"]
+  if marked:
+    share = ins.trainable_parameters / ins.parameters if ins.parameters else 0.0
+    when = f" in epoch {ins.epoch + 1} (--epoch {ins.epoch})" if ins.strategy.startswith("gradual") else ""
+    lines.append(f"trainable under {ins.strategy}{when}: {ins.trainable_parameters:,} parameters "
+                 f"({share:.2%}); frozen: {ins.parameters - ins.trainable_parameters:,}")
+  if ins.model_state:
+    lines += ["", "model state (non-trainable: running statistics, updated in train mode; not "
+                  "counted as parameters):",
+              *_table(["path", "shape", "dtype", "values", "bytes"],
+                      _tree_rows(ins.model_state, ins.model_state_subtrees, False), right=(3, 4)),
+              f"total model state: {ins.model_state_values:,} values in {len(ins.model_state)} "
+              f"arrays, {ins.model_state_bytes:,} bytes ({human_bytes(ins.model_state_bytes)})"]
+  return "\n".join(lines)
+
+
+def _tree_rows(leaves: list[Leaf], subtrees: list[Subtree], marked: bool) -> list[list[str]]:
+  """Table rows of a tree: each inner node (indented, with its totals) before its leaves."""
+  subtrees = {s.path: s for s in subtrees}
   leaves_under: dict[str, list[Leaf]] = {}
-  for leaf in ins.leaves:
+  for leaf in leaves:
     parts = leaf.path.split(P.SEP)
     for i in range(1, len(parts)):
       leaves_under.setdefault(P.SEP.join(parts[:i]), []).append(leaf)
   body, shown = [], set()
-  for leaf in ins.leaves:
+  for leaf in leaves:
     parts = leaf.path.split(P.SEP)
     for i in range(1, len(parts)):
       prefix = P.SEP.join(parts[:i])
@@ -371,16 +425,7 @@ def format_inspection(ins: Inspection) -> str:
       row += ["train" if leaf.trainable else "frozen",
               f"{leaf.lr_multiplier:.4g}" if leaf.trainable else "-"]
     body.append(row)
-  what = f"{ins.model} ({ins.task})" if ins.model else "parameters"
-  lines = [f"{what}: {ins.source}", *_table(header, body, right=(3, 4)),
-           f"total: {ins.parameters:,} parameters in {len(ins.leaves)} arrays, {ins.bytes:,} bytes "
-           f"({human_bytes(ins.bytes)})"]
-  if marked:
-    share = ins.trainable_parameters / ins.parameters if ins.parameters else 0.0
-    when = f" in epoch {ins.epoch + 1} (--epoch {ins.epoch})" if ins.strategy.startswith("gradual") else ""
-    lines.append(f"trainable under {ins.strategy}{when}: {ins.trainable_parameters:,} parameters "
-                 f"({share:.2%}); frozen: {ins.parameters - ins.trainable_parameters:,}")
-  return "\n".join(lines)
+  return body
 
 
 def _table(header: list[str], body: list[list[str]], right=()) -> list[str]:

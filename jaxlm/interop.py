@@ -11,7 +11,9 @@ from a path.
 
 `jaxlm export WORKDIR --format safetensors` writes a folder:
 
-    model.safetensors  the checkpoint's params under torch state_dict names (metadata format=pt)
+    model.safetensors  the checkpoint's params under torch state_dict names (metadata format=pt),
+                       and a batch-normalised head's running averages as BatchNorm1d buffers
+                       (`running_mean`, `running_var`, `num_batches_tracked`)
     config.json        {"format": "jaxlm-safetensors", "task", "model" (the run's config.model),
                         "tokenizer" (its config block), "data" ({"reverse"}: the reading
                         direction), "vocab_size", "torch" (the PyTorch modules' constructor
@@ -21,6 +23,7 @@ from a path.
 
 `--init-from` takes such a folder or a `.safetensors` file with its config.json beside it, also
 one written from PyTorch (torch names, a config.json with `task`, `model`, `vocab_size`).
+`read_export(...).variables()` gives the params and the model state (batch statistics) back.
 `build_torch_model` is a reference PyTorch model for an export (torch is imported only there
 and in `load_into_torch`: it stays an optional extra); tests/test_export.py compares jaxlm with
 it, and the parity tests (tests/test_lstm_parity.py, tests/test_transformer.py) copy weights with
@@ -50,22 +53,37 @@ FORMATS = ("safetensors",)
 
 # --- param tree <-> torch names --------------------------------------------------------------
 
+# PyTorch's BatchNorm counts the batches its running averages saw in this int64 buffer beside them.
+RUNNING_MEAN, BATCHES_TRACKED = ".running_mean", ".num_batches_tracked"
 
-def torch_names(params, family) -> dict[str, tuple[str, ...]]:
-  """Every leaf path of `params` -> the torch names it may have (the first is what export
-  writes), from the family's `torch_names` rules; a leaf no rule names is an error."""
-  rules = [(re.compile(pattern), (names,) if isinstance(names, str) else tuple(names))
-           for pattern, names in family.torch_names]
+
+def _flat_variables(params, model_state=None) -> dict[str, Any]:
+  """The params' leaves by path, then the model state's by path with its collection first
+  (`batch_stats/head/bn_in/mean`): one namespace, since no param path starts with a collection."""
+  return {**P.flatten(params), **P.flatten(model_state or {})}
+
+
+def torch_names(params, family, model_state=None) -> dict[str, tuple[str, ...]]:
+  """Every leaf path of `params` (and of `model_state`, as `batch_stats/...`) -> the torch names
+  it may have (the first is what export writes), from the family's `torch_names` rules; a leaf no
+  rule names is an error. A rule's optional third element is a pattern some path of the tree
+  must match for the rule to apply (a layer named alike in two head layouts)."""
+  flat = _flat_variables(params, model_state)
+  rules = []
+  for pattern, names, *when in family.torch_names:
+    if when and not any(re.search(when[0], path) for path in flat):
+      continue
+    rules.append((re.compile(pattern), (names,) if isinstance(names, str) else tuple(names)))
   out = {}
-  for path in P.flatten(params):
+  for path in flat:
     for rx, names in rules:
       match = rx.search(path)
       if match:
         out[path] = tuple(match.expand(name) for name in names)
         break
     else:
-      raise ConfigError(f"parameter {path} has no PyTorch name in the {family.name} family "
-                        "(ModelFamily.torch_names)")
+      raise ConfigError(f"{'parameter' if path in P.flatten(params) else 'model state'} {path} "
+                        f"has no PyTorch name in the {family.name} family (ModelFamily.torch_names)")
   return out
 
 
@@ -73,13 +91,18 @@ def _is_kernel(path: str) -> bool:
   return path.rsplit(P.SEP, 1)[-1] == "kernel"  # flax's [in, out]; torch's weight is [out, in]
 
 
-def to_torch(params, family) -> dict[str, np.ndarray]:
-  """A jaxlm param tree -> `{torch name: numpy array}` (kernels transposed, C-contiguous)."""
-  names = torch_names(params, family)
+def to_torch(params, family, model_state=None, *, batches_tracked: int = 0) -> dict[str, np.ndarray]:
+  """A jaxlm param tree (and model state) -> `{torch name: numpy array}` (kernels transposed,
+  C-contiguous). Each BatchNorm's running averages get PyTorch's `num_batches_tracked` beside them
+  (int64 `batches_tracked`), which its strict `load_state_dict` expects."""
+  names = torch_names(params, family, model_state)
   out = {}
-  for path, leaf in P.flatten(params).items():
+  for path, leaf in _flat_variables(params, model_state).items():
     array = np.asarray(leaf)
-    out[names[path][0]] = np.ascontiguousarray(array.T if _is_kernel(path) else array)
+    name = names[path][0]
+    out[name] = np.ascontiguousarray(array.T if _is_kernel(path) else array)
+    if name.endswith(RUNNING_MEAN):
+      out[name[:-len(RUNNING_MEAN)] + BATCHES_TRACKED] = np.array(batches_tracked, np.int64)
   return out
 
 
@@ -87,8 +110,16 @@ def from_torch(tensors: Mapping[str, Any], template, family, where: str = "the t
   """`{torch name: array}` -> a param tree shaped like `template` (arrays or ShapeDtypeStructs),
   cast to its dtypes. Missing names, shapes that do not fit and tensors nothing uses fail with one
   line; an unused tensor equal to a used one is a tied copy (an LM's decoder.weight) and is fine."""
-  names, problems, out, used = torch_names(template, family), [], {}, {}
-  for path, leaf in P.flatten(template).items():
+  return variables_from_torch(tensors, template, {}, family, where)[0]
+
+
+def variables_from_torch(tensors: Mapping[str, Any], template, state_template, family,
+                         where: str = "the tensors") -> tuple[Any, dict]:
+  """`from_torch` for params and model state: (params like `template`, model state like
+  `state_template`, e.g. `{"batch_stats": ...}`). A BatchNorm's `num_batches_tracked` is read
+  with its running averages and dropped (jaxlm's averages need no count)."""
+  names, problems, out, used = torch_names(template, family, state_template), [], {}, {}
+  for path, leaf in _flat_variables(template, state_template).items():
     name = next((n for n in names[path] if n in tensors), None)
     if name is None:
       problems.append(f"{names[path][0]} (for {path}) is missing")
@@ -101,7 +132,8 @@ def from_torch(tensors: Mapping[str, Any], template, family, where: str = "the t
       continue
     out[path] = array.astype(leaf.dtype, copy=False)
     used[name] = array
-  unused = [n for n in tensors if n not in used
+  counters = {u[:-len(RUNNING_MEAN)] + BATCHES_TRACKED for u in used if u.endswith(RUNNING_MEAN)}
+  unused = [n for n in tensors if n not in used and n not in counters
             and not any(np.shape(tensors[n]) == np.shape(tensors[u])
                         and np.array_equal(tensors[n], tensors[u]) for u in used)]
   problems += [f"{n} is not a parameter of the model" for n in unused]
@@ -109,7 +141,9 @@ def from_torch(tensors: Mapping[str, Any], template, family, where: str = "the t
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
     raise CheckpointError(f"{where} do not fit the {family.name} model: "
                           + "; ".join(problems[:3]) + more)
-  return P.unflatten(out)
+  tree = P.unflatten(out)
+  params = {k: v for k, v in tree.items() if k not in state_template}
+  return params, {k: tree[k] for k in state_template if k in tree}
 
 
 def load_into_torch(module, tensors: Mapping[str, Any]):
@@ -133,7 +167,13 @@ def load_into_torch(module, tensors: Mapping[str, Any]):
 def export(workdir, out=None, *, which: str | None = None, step: int | None = None,
            fmt: str = "safetensors") -> dict:
   """Writes `workdir`'s checkpoint (`step`, or `which`: best for a run that selects one, else
-  latest, as `--init-from` picks) as an export folder, by default `WORKDIR/export`."""
+  latest, as `--init-from` picks) as an export folder, by default `WORKDIR/export`.
+
+  A batch-normalised head's running averages go with it as its BatchNorm1d buffers, and
+  `num_batches_tracked` is the exported step: every train step put one batch through the head in
+  train mode (PyTorch counts the same way; it reads the count only with `momentum=None`). A batch
+  skipped for non-finite values (`train.on_nonfinite=skip`) is counted although it left them as
+  they were."""
   from jaxlm import models, tasks
   if fmt not in FORMATS:
     raise ConfigError(f"--format={fmt!r} is not one of {', '.join(FORMATS)}")
@@ -157,8 +197,8 @@ def export(workdir, out=None, *, which: str | None = None, step: int | None = No
       step = ckpt.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no checkpoints in {workdir / 'checkpoints'} to export")
-    params = ckpt.restore_params(step)
-  tensors = to_torch(params, family)
+    params, model_state = ckpt.restore_variables(step)
+  tensors = to_torch(params, family, model_state, batches_tracked=int(step))
   from safetensors.numpy import save
   # format=pt: what safetensors.torch and Hugging Face loaders expect of a torch state dict.
   files.atomic_write(out / WEIGHTS, save(tensors, metadata={"format": "pt"}))
@@ -172,8 +212,9 @@ def export(workdir, out=None, *, which: str | None = None, step: int | None = No
       "data": {"reverse": bool(config.data.get("reverse", False))},
       "vocab_size": tokenizer.vocab_size, "torch": arch,
       "checkpoint": {"step": int(step), "chosen": chosen}})
+  stats = f" + {P.count_params(model_state):,} running statistics" if model_state else ""
   print(f"exported {workdir} step {step} ({chosen}) to {out}: {WEIGHTS} "
-        f"({len(tensors)} tensors, {P.count_params(params):,} parameters), {CONFIG}, "
+        f"({len(tensors)} tensors, {P.count_params(params):,} parameters{stats}), {CONFIG}, "
         f"{TOKENIZER}/, {VOCAB}", flush=True)
   return {"out": str(out), "step": int(step), "tensors": len(tensors)}
 
@@ -210,19 +251,24 @@ class Export:
 
   def params(self):
     """The weights as a jaxlm param tree (numpy), checked against the config's model."""
+    return self.variables()[0]
+
+  def variables(self) -> tuple[Any, dict]:
+    """(params, model_state) as numpy trees, checked against the config's model: `model_state`
+    is a batch-normalised head's running averages (`{"batch_stats": ...}`), `{}` without one."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    from jaxlm import commands, models
+    from jaxlm import models
     try:
       tensors = load_file(self.weights)
     except (SafetensorError, OSError, ValueError) as e:
       raise CheckpointError(f"{self.weights} is not a safetensors file: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     family = models.family_of(self.config.model.name)
-    template = commands._abstract_params(self.config, self.vocab_size)  # pylint: disable=protected-access
-    return from_torch(tensors, template, family,
-                      where=f"the tensors of {self.weights} (with its {CONFIG})")
+    template, state_template = abstract_variables(self.config, self.vocab_size)
+    return variables_from_torch(tensors, template, state_template, family,
+                                where=f"the tensors of {self.weights} (with its {CONFIG})")
 
   def tokenizer(self):
     """The jaxlm tokenizer in `tokenizer/`, else a word vocabulary from `vocab.txt` (specials
@@ -245,6 +291,22 @@ class Export:
       raise CheckpointError(f"the tokenizer in {folder} has {tokenizer.vocab_size} ids, its "
                             f"{CONFIG} says vocab_size={self.vocab_size}")
     return tokenizer
+
+
+def abstract_variables(config, vocab_size: int) -> tuple[Any, dict]:
+  """(params, model_state) of the config's model as ShapeDtypeStructs (jax.eval_shape of its
+  init, as `commands._abstract_params`, keeping every collection): what an export must hold."""
+  import jax
+
+  from jaxlm import models
+  from jaxlm.train import steps
+  family = models.family_of(config.model.name)
+  model = family.build(config.model, vocab_size)
+  batch = {key: jax.ShapeDtypeStruct((2, 8), np.int32) for key in ("tokens", "inputs", "targets")}
+  batch["lengths"] = jax.ShapeDtypeStruct((2,), np.int32)
+  args = family.init_args(config.task, batch)
+  rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+  return steps.split_variables(jax.eval_shape(lambda *a: model.init(rngs, *a), *args))
 
 
 def read_export(path) -> Export:
@@ -362,13 +424,26 @@ def _torch_classes() -> dict:
       return self.decoder(self.proj(out) if hasattr(self, "proj") else out)
 
   class LSTMClassifier(nn.Module):
-    """nn.Embedding -> nn.LSTM -> pooling -> nn.Linear (or an MLP), like jaxlm's LSTMClassifier."""
+    """nn.Embedding -> nn.LSTM -> pooling -> nn.Linear (or an MLP), like jaxlm's LSTMClassifier.
+
+    With `head_batchnorm` the head is ULMFiT's (fastai's PoolingLinearClassifier): BatchNorm1d ->
+    Dropout -> Linear -> ReLU -> BatchNorm1d -> Dropout -> Linear, and the features' dropout is
+    its first Dropout. In eval mode it equals jaxlm's; training it in PyTorch updates the running
+    variance with the unbiased batch variance, where jaxlm (flax) uses the biased one."""
 
     def __init__(self, arch):
       super().__init__()
       self.arch = arch
       self.embedding = nn.Embedding(**arch["embedding"])
       self.lstm = nn.LSTM(**arch["lstm"])
+      if arch.get("head_batchnorm", False):
+        features, hidden, bn = arch["features"], arch["head_hidden"], arch["batchnorm"]
+        self.dropout = nn.Identity()
+        self.head = nn.Sequential(
+            nn.BatchNorm1d(features, **bn), nn.Dropout(arch["dropout_output"]),
+            nn.Linear(features, hidden), nn.ReLU(), nn.BatchNorm1d(hidden, **bn),
+            nn.Dropout(arch["head_dropout"]), nn.Linear(hidden, arch["num_outputs"]))
+        return
       self.dropout = nn.Dropout(arch["dropout_output"])
       if arch["head_hidden"] > 0:
         self.head = nn.Sequential(nn.Linear(arch["features"], arch["head_hidden"]), nn.ReLU(),

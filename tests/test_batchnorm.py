@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from jaxlm import api, batching, checkpoint, commands, graft, models, params as P, tasks
-from jaxlm.errors import ConfigError
 from jaxlm.models.classifiers import MLPHead
 from jaxlm.models.lstm_family import LM_TO_CLASSIFIER
 from jaxlm.train import steps
@@ -325,11 +324,12 @@ def test_head_strategy_trains_the_head_and_its_statistics_only(tmp_path):
                                                 if k.startswith("head/"))
 
 
-def test_export_refuses_a_batchnorm_head_in_one_line(gradual_runs, capsys, tmp_path):
-  code, _, err = run(capsys, "export", gradual_runs["one_go"], "--format", "safetensors",
-                     "--out", tmp_path / "x")
-  assert code == 2 and "head_batchnorm=True has no PyTorch export" in err
-  assert "Traceback" not in err
-  with pytest.raises(ConfigError):
-    from jaxlm import interop
-    interop.export(gradual_runs["one_go"], tmp_path / "y")
+def test_export_carries_the_statistics(gradual_runs, capsys, tmp_path):
+  """`jaxlm export` writes the running averages as BatchNorm1d buffers (the PyTorch parity of the
+  exported head is tests/test_export_batchnorm.py's)."""
+  code, out, err = run(capsys, "export", gradual_runs["one_go"], "--format", "safetensors",
+                       "--out", tmp_path / "x")
+  assert code == 0, err
+  from jaxlm import interop
+  _, exported = interop.read_export(tmp_path / "x").variables()
+  _assert_equal_trees(exported, checkpoint.restore_variables(gradual_runs["one_go"], which="best")[1])

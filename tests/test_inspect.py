@@ -208,3 +208,99 @@ def test_a_safetensors_export(runs, tmp_path):
     assert [(l.path, l.shape, l.dtype) for l in ins.leaves] == [
         (l.path, l.shape, l.dtype) for l in inspection.inspect(runs["clf"]).leaves]
     assert {l.group for l in ins.leaves if l.trainable} == {"head"}
+
+
+# --- a model state: ULMFiT's batch-normalised head ----------------------------------------------
+
+
+def bn_config():
+  config = tiny_config("finetune")
+  config.model.update(head_hidden=4, head_batchnorm=True)
+  return config
+
+
+@pytest.fixture(scope="module")
+def bn_run(tmp_path_factory):
+  """The tiny classifier with a batch-normalised head, trained 3 steps from scratch."""
+  work = tmp_path_factory.mktemp("inspect_bn") / "clf"
+  commands.finetune(bn_config(), work, progress=False)
+  return work
+
+
+STATS = [("batch_stats/head/bn_in/mean", (16,)), ("batch_stats/head/bn_in/var", (16,)),
+         ("batch_stats/head/bn_hidden/mean", (4,)), ("batch_stats/head/bn_hidden/var", (4,))]
+
+
+def test_batch_statistics_are_listed_apart_from_the_parameters(bn_run):
+  ins = inspection.inspect(bn_run)
+  params, model_state = checkpoint.restore_variables(bn_run, which="best")
+  stats = P.flatten(model_state)
+  assert sorted((l.path, l.shape) for l in ins.model_state) == sorted(STATS)
+  for leaf in ins.model_state:
+    array = stats[leaf.path]
+    assert leaf.dtype == str(array.dtype) == "float32" and leaf.trainable is False
+    assert leaf.count == array.size and leaf.bytes == array.nbytes and leaf.lr_multiplier is None
+  assert ins.model_state_values == sum(a.size for a in stats.values()) == 40
+  assert ins.model_state_bytes == 160
+  # Not parameters: the parameter list and count are the params' alone.
+  assert [l.path for l in ins.leaves] == list(P.flatten(params))
+  assert ins.parameters == P.count_params(params)
+  assert not any(l.path.startswith("batch_stats") for l in ins.leaves)
+  subtrees = {s.path: s for s in ins.model_state_subtrees}
+  assert (subtrees["batch_stats/head"].arrays, subtrees["batch_stats/head"].count) == (4, 40)
+  assert (subtrees["batch_stats/head/bn_hidden"].count, subtrees["batch_stats"].bytes) == (8, 160)
+  # A model without statistics has none; a config builds the same (abstract) ones.
+  plain = inspection.inspect(tiny_config("finetune"))
+  assert plain.model_state == [] and plain.model_state_values == 0
+  abstract = inspection.inspect(bn_config())
+  assert abstract.kind == "config" and abstract.model_state == ins.model_state
+
+
+def test_strategy_marks_ignore_the_statistics(bn_run):
+  ins = inspection.inspect(bn_run, strategy="head")
+  heads = [l for l in ins.leaves if l.path.startswith("head/")]
+  assert {l.path for l in heads} >= {"head/bn_in/scale", "head/bn_hidden/bias", "head/out/kernel"}
+  assert all(l.trainable for l in heads) and not any(
+      l.trainable for l in ins.leaves if not l.path.startswith("head/"))
+  assert ins.trainable_parameters == sum(l.count for l in heads)  # no statistic among them
+  assert [l.trainable for l in ins.model_state] == [False] * 4
+  gradual = inspection.inspect(bn_run, strategy="gradual", epoch=3)
+  assert gradual.trainable_parameters == gradual.parameters
+  assert gradual.model_state == ins.model_state
+
+
+def test_cli_table_and_json_show_the_statistics(bn_run, capsys):
+  code, out, err = run(capsys, "inspect", bn_run, "--strategy", "head")
+  assert code == 0, err
+  ins = inspection.inspect(bn_run, strategy="head")
+  lines = out.splitlines()
+  params_total = lines.index(next(l for l in lines if l.startswith("total: ")))
+  assert lines[params_total] == (f"total: {ins.parameters:,} parameters in {len(ins.leaves)} "
+                                 f"arrays, {ins.bytes:,} bytes ({inspection.human_bytes(ins.bytes)})")
+  assert f"trainable under head: {ins.trainable_parameters:,} parameters" in out
+  state = lines[params_total:]
+  assert any(l.startswith("model state (non-trainable") for l in state), out
+  assert "total model state: 40 values in 4 arrays, 160 bytes (160 B)" in state
+  mean = next(l for l in state if l.strip().startswith("mean") and "(16,)" in l)
+  assert mean.split()[1:] == ["(16,)", "float32", "16", "64", "B"]
+  assert not any("bn_in" in l and "mean" in l for l in lines[:params_total])
+  code, out, err = run(capsys, "inspect", bn_run, "--json")
+  assert code == 0, err
+  data = json.loads(out)
+  assert data["model_state_values"] == 40 and data["model_state_bytes"] == 160
+  assert [(s["path"], tuple(s["shape"]), s["trainable"]) for s in data["model_state"]] == [
+      (l.path, l.shape, False) for l in inspection.inspect(bn_run).model_state]
+  assert data["parameters"] == ins.parameters
+  # Without statistics the table has no such section.
+  code, out, err = run(capsys, "inspect", "seed003_lstm")
+  assert code == 0 and "total: " in out and "model state" not in out, err
+
+
+def test_a_batchnorm_export_lists_its_statistics(bn_run, tmp_path):
+  interop = pytest.importorskip("jaxlm.interop")
+  interop.export(bn_run, tmp_path / "export")
+  ins = inspection.inspect(tmp_path / "export", strategy="head")
+  direct = inspection.inspect(bn_run)
+  assert ins.kind == "export" and ins.model_state == direct.model_state
+  assert [(l.path, l.shape) for l in ins.leaves] == [(l.path, l.shape) for l in direct.leaves]
+  assert ins.model_state_values == 40

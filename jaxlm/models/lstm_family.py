@@ -34,7 +34,13 @@ LM_TO_BIDIRECTIONAL = [
 # as here; a bidirectional layer's `bwd` is torch's `_reverse`), the LM's nn.Linear `decoder` (tied:
 # its weight is the embedding, which safetensors.torch.save_model stores as decoder.weight alone;
 # `proj` maps hidden_size to embed_dim first when they differ) or the classifier's nn.Linear
-# `head`, for an MLP head nn.Sequential(Linear, ReLU, Dropout, Linear): `head.0`, `head.3`.
+# `head`, for an MLP head nn.Sequential(Linear, ReLU, Dropout, Linear): `head.0`, `head.3`. ULMFiT's
+# batch-normalised head is nn.Sequential(BatchNorm1d, Dropout, Linear, ReLU, BatchNorm1d, Dropout,
+# Linear) (fastai's order): `head.0`, `head.2`, `head.4`, `head.6`; its running averages (the
+# `batch_stats` collection, paths `batch_stats/...`) are the BatchNorm1d buffers `running_mean` and
+# `running_var`. Its Dense layers have the plain MLP head's paths, so their rules carry a third
+# element: they apply only in a tree with a path matching it (one with `head/bn_in`).
+_BN_HEAD = r"^head/bn_in/"
 TORCH_NAMES = [
     (r"^embed/embedding$", ("embedding.weight", "decoder.weight")),
     (r"^encoder/layer_(\d+)/(?:fwd/)?(ih|hh)/kernel$", r"lstm.weight_\2_l\1"),
@@ -42,6 +48,14 @@ TORCH_NAMES = [
     (r"^encoder/layer_(\d+)/bwd/(ih|hh)/kernel$", r"lstm.weight_\2_l\1_reverse"),
     (r"^encoder/layer_(\d+)/bwd/(ih|hh)/bias$", r"lstm.bias_\2_l\1_reverse"),
     (r"^decoder/proj/kernel$", "proj.weight"),
+    *torch_linear("head/bn_in", "head.0", weight="scale"),
+    *torch_linear("head/bn_hidden", "head.4", weight="scale"),
+    (r"^batch_stats/head/bn_in/mean$", "head.0.running_mean"),
+    (r"^batch_stats/head/bn_in/var$", "head.0.running_var"),
+    (r"^batch_stats/head/bn_hidden/mean$", "head.4.running_mean"),
+    (r"^batch_stats/head/bn_hidden/var$", "head.4.running_var"),
+    *[(path, name, _BN_HEAD) for path, name in torch_linear("head/hidden", "head.2")
+      + torch_linear("head/out", "head.6")],
     *torch_linear("decoder", "decoder"), *torch_linear("head/hidden", "head.0"),
     *torch_linear("head/out", "head.3"), *torch_linear("head", "head"),
 ]
@@ -152,9 +166,6 @@ class LSTMFamily(ModelFamily):
       raise ConfigError("config.model.output='adaptive' has no PyTorch counterpart to export to "
                         "(nn.AdaptiveLogSoftmaxWithLoss has no tail biases); export a full or "
                         "sampled LM")
-    if cfg.get("head_batchnorm", False):
-      raise ConfigError("config.model.head_batchnorm=True has no PyTorch export yet (its running "
-                        "statistics are not model params); export a run without it")
     bidirectional = bool(cfg.get("bidirectional", False))
     arch = dict(embedding=dict(num_embeddings=vocab_size, embedding_dim=cfg.embed_dim),
                 lstm=dict(input_size=cfg.embed_dim, hidden_size=cfg.hidden_size,
@@ -166,6 +177,10 @@ class LSTMFamily(ModelFamily):
                   decoder=dict(in_features=cfg.embed_dim if cfg.tie_weights else cfg.hidden_size,
                                out_features=vocab_size))
     width = cfg.hidden_size * (2 if bidirectional else 1) * (3 if cfg.pooling == "concat" else 1)
-    return dict(arch, module="lstm_classifier", pooling=cfg.pooling, features=width,
+    arch = dict(arch, module="lstm_classifier", pooling=cfg.pooling, features=width,
                 head_hidden=cfg.head_hidden, dropout_output=cfg.dropout_output,
                 num_outputs=1 if cfg.loss == "bce" else cfg.num_classes)
+    if cfg.get("head_batchnorm", False):  # MLPHead's BatchNorm: PyTorch's defaults
+      arch.update(head_batchnorm=True, head_dropout=cfg.head_dropout,
+                  batchnorm=dict(eps=1e-5, momentum=0.1))
+    return arch
