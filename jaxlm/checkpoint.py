@@ -393,6 +393,14 @@ class Checkpointer:
       log.warning("moved the damaged checkpoint step %d to %s; delete it when no longer needed",
                   step, target)
 
+  def model_state_metadata(self, step: int) -> dict:
+    """The `model_state` collections (batch statistics) saved at `step` as ShapeDtypeStructs,
+    read from orbax metadata without loading arrays; {} for a model without any."""
+    import jax
+    stored = self._stored_state(step)
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                        dict(stored.get("model_state") or {}))
+
   def _stored_state(self, step: int) -> Any:
     """The saved tree of `state` at `step` (ArrayMetadata leaves: shape, dtype)."""
     try:

@@ -188,11 +188,7 @@ def _from_checkpoint(workdir: pathlib.Path, step, which, *, kind: str) -> _Sourc
     which = "best" if config is not None and _selects(config) else "latest"
   with checkpoint.Checkpointer(workdir, read_only=True) as ckpt:
     chosen, params = ckpt.params_metadata(step, which=which or "latest")
-    # The step is chosen and verified above; its metadata also describes `model_state` (batch
-    # statistics), which Checkpointer has no public metadata reader for.
-    stored = ckpt._stored_state(chosen)  # pylint: disable=protected-access
-  model_state = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
-                             dict(stored.get("model_state") or {}))
+    model_state = ckpt.model_state_metadata(chosen)
   how = "" if step is not None else f" ({which})"
   return _Source(f"{workdir}, checkpoint step {chosen}{how}", kind, params, config, chosen, workdir,
                  model_state)

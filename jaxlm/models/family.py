@@ -101,8 +101,10 @@ class ModelFamily:
       "classifier_to_classifier": CLASSIFIER_TO_CLASSIFIER}
   # PyTorch state_dict names of the params, for safetensors export and import (jaxlm/interop.py):
   # `(regex on the path, name)` rules, first match wins, `\1` works. A tuple of names lists the
-  # ones an import accepts, the first being what export writes. Leaves named `kernel` (flax's
-  # [in, out]) are transposed into torch's [out, in]. Empty: no PyTorch counterpart.
+  # ones an import accepts, the first being what export writes. A third element, a regex, makes
+  # the rule apply only when some path of the tree matches it (two head layouts sharing paths).
+  # Leaves named `kernel` (flax's [in, out]) are transposed into torch's [out, in]. Model-state
+  # leaves (`batch_stats/...`) are named by rules on their own paths. Empty: no PyTorch counterpart.
   torch_names: Sequence[tuple[str, str | tuple[str, ...]]] = ()
 
   # -- config ------------------------------------------------------------------------------
