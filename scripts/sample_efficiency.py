@@ -21,6 +21,7 @@ resumes an interrupted one. Results: `sample_efficiency.md` and `.json` in `--wo
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import pathlib
 import sys
@@ -72,6 +73,9 @@ def main(argv=None) -> int:
   if args.source:
     extra["data.source"] = args.source
   rates = [float(r) for r in args.rates.split(",")]
+  # The deep runs skip their own baseline (fitted once per size below); its kind is the config's.
+  linear_kind = jaxlm.get_config(args.config, extra).baseline.kind
+  linear_kind = "nb_logreg" if linear_kind == "none" else linear_kind
   rows = []
   for size in (int(s) for s in args.sizes.split(",")):
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -99,10 +103,11 @@ def main(argv=None) -> int:
           print(f"n={size} seed={seed} {arm} {recipe['name']}: valid "
                 f"{tried[-1]['valid_accuracy']:.4f}", flush=True)
         best = max(tried, key=lambda t: t["valid_accuracy"])
-        test = commands.evaluate(best["workdir"], split="test", max_examples=args.test_examples)
+        test = _test_score(best["workdir"], args.test_examples, commands)
         row[arm] = {**best, "test_accuracy": test["accuracy"], "test_examples": int(test["count"]),
                     "tried": tried}
-      config = jaxlm.get_config(args.config, {**base, "data.test_max_examples": args.test_examples})
+      config = jaxlm.get_config(args.config, {**base, "data.test_max_examples": args.test_examples,
+                                              "baseline.kind": linear_kind})
       row["linear"] = baseline.for_config(config)
       rows.append(row)
       _write(root, rows, args)
@@ -111,16 +116,31 @@ def main(argv=None) -> int:
 
 
 def _parse_set(text: str):
+  """`KEY=VALUE`, the value read as JSON, else a Python literal (`(48, 96)`), else a string."""
   key, _, value = text.partition("=")
-  try:
-    return key, json.loads(value)
-  except json.JSONDecodeError:
-    return key, value
+  for parse in (json.loads, ast.literal_eval):
+    try:
+      return key, parse(value)
+    except (ValueError, SyntaxError):
+      pass
+  return key, value
 
 
 def _finished(workdir: pathlib.Path) -> dict | None:
   path = workdir / "summary.json"
   return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _test_score(workdir: str, max_examples: int, commands) -> dict:
+  """The chosen run's test accuracy, kept in its workdir: a rerun does not evaluate it again."""
+  path = pathlib.Path(workdir) / f"test_{max_examples or 'all'}.json"
+  if path.is_file():
+    return json.loads(path.read_text())
+  result = commands.evaluate(workdir, split="test", max_examples=max_examples)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(result))
+  tmp.replace(path)
+  return result
 
 
 def _best_valid(summary: dict) -> float:
@@ -141,5 +161,18 @@ def _write(root: pathlib.Path, rows: list[dict], args) -> None:
   (root / "sample_efficiency.md").write_text("\n".join(lines) + "\n")
 
 
+def run(argv=None) -> int:
+  """`main` with the CLI's error contract: a jaxlm error (a bad override, a damaged checkpoint) is
+  one line and exit 2; SIGTERM / Ctrl-C in a run saves it and exits 143 / 130, and rerunning the
+  same command goes on from there."""
+  from jaxlm.errors import JaxlmError
+  try:
+    return main(argv)
+  except JaxlmError as e:
+    code = getattr(e, "exit_code", 2)
+    print(f"sample_efficiency: {'error: ' if code == 2 else ''}{e}", file=sys.stderr)
+    return code
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(run())
