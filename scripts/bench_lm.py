@@ -69,11 +69,14 @@ LM_CONFIGS = {
     # sampled; the cutoffs are its adaptive alternative).
     "imdb": dict(vocab=20004, embed=256, hidden=256, layers=2, batch=64, bptt=128,
                  cutoffs=(2000, 8000)),
+    # = configs/imdb_lm_large.py: ULMFiT's widths (the GPU/TPU config), sampled with 2,048.
+    "imdb_large": dict(vocab=30004, embed=400, hidden=1152, layers=3, batch=64, bptt=128,
+                       cutoffs=(2000, 10000), num_sampled=2048),
 }
 
 
-def num_sampled(vocab):
-  return min(1024, vocab // 4)
+def num_sampled(cfg):
+  return cfg.get("num_sampled") or min(1024, cfg["vocab"] // 4)
 
 
 def zipf_ids(rng, vocab, shape):
@@ -107,7 +110,7 @@ def jax_lm_step(cfg, output, seed=0):
   if output == "adaptive":
     extra = dict(output="adaptive", adaptive_cutoffs=adaptive_cutoffs(cfg))
   elif output == "sampled":
-    extra = dict(output="sampled", num_sampled=num_sampled(cfg["vocab"]))
+    extra = dict(output="sampled", num_sampled=num_sampled(cfg))
   model = LSTMLanguageModel(cfg["vocab"], cfg["embed"], cfg["hidden"], cfg["layers"], **extra)
   rng = np.random.RandomState(seed)
   shape = (cfg["batch"], cfg["bptt"])
@@ -192,6 +195,7 @@ class TorchLM(torch.nn.Module):
     super().__init__()
     self.output = output
     self.vocab = cfg["vocab"]
+    self.num_sampled = num_sampled(cfg)
     self.embed = torch.nn.Embedding(cfg["vocab"], cfg["embed"])
     self.lstm = torch.nn.LSTM(cfg["embed"], cfg["hidden"], cfg["layers"], batch_first=True)
     if output == "adaptive":
@@ -213,7 +217,7 @@ class TorchLM(torch.nn.Module):
       return torch.nn.functional.cross_entropy(self.decoder(h), t)
     # Sampled softmax, same algorithm as jaxlm (shared log-uniform negatives, log-Q, hits).
     # F.embedding for the row gathers: its backward is far faster than index_put (w[t]).
-    u = torch.rand(num_sampled(self.vocab))
+    u = torch.rand(self.num_sampled)
     s = (torch.exp(u * np.log(self.vocab + 1.0)).floor().long() - 1).clamp(0, self.vocab - 1)
     w, b = self.decoder.weight, self.decoder.bias
     emb = torch.nn.functional.embedding
@@ -280,7 +284,7 @@ def lm_matmul_flops(cfg, output):
   if output == "full":
     out = 2 * n * h * v
   elif output == "sampled":
-    out = 2 * n * h * (num_sampled(v) + 1)
+    out = 2 * n * h * (num_sampled(cfg) + 1)
   elif output == "adaptive":
     cuts = list(adaptive_cutoffs(cfg)) + [v]
     out = 2 * n * h * (cuts[0] + len(cuts) - 1)
