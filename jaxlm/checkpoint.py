@@ -48,7 +48,7 @@ import re
 import shutil
 import sys
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +79,7 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int = 2,
+               keep_steps: Sequence[int] = (),
                best_metric: str | None = None, best_mode: str = "max",
                async_save: bool = True, read_only: bool = False):
     if best_mode not in ("max", "min"):
@@ -90,6 +91,8 @@ class Checkpointer:
                             + _WRITTEN_BY.format(workdir=self.workdir))
     self.best_metric, self.best_mode = best_metric, best_mode
     score = lambda metrics: metrics["best_score"]
+    # `keep_steps` (the epoch ends, `train.keep_epoch_checkpoints`) outlive the latest-N window.
+    keep = [ocp.checkpoint_managers.CustomSteps(steps=sorted(set(keep_steps)))] if keep_steps else []
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=0 if read_only else 1,  # orbax warns about anything else
         create=not read_only,
@@ -104,6 +107,7 @@ class Checkpointer:
             ocp.checkpoint_managers.LatestN(max_to_keep),
             ocp.checkpoint_managers.BestN(get_metric_fn=score, n=1,
                                           keep_checkpoints_without_metrics=False),
+            *keep,
         ]),
     )
     self.read_only, self._async = read_only, async_save

@@ -150,7 +150,12 @@ def _train_locked(config, workdir, task, resuming, init_params, graft_map, progr
   state = steps.create_state(params, optimizer(0), seed, model_state)
   select = task.kind.select_metric(config)  # None (LMs): keep the latest
   select_mode = config_lib.SELECT_MODES[select] if select else "max"
+  per_epoch = task.train_batches.num_batches_per_epoch
+  epoch_ends = [e * per_epoch for e in range(1, config.train.num_epochs + 1)
+                if e * per_epoch <= total_steps]
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.max_to_keep,
+                                 keep_steps=epoch_ends if config.train.get(
+                                     "keep_epoch_checkpoints", False) else (),
                                  best_metric=select, best_mode=select_mode)
   meta, carry = None, None
   if resuming:

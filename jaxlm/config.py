@@ -86,6 +86,7 @@ def _train() -> ml_collections.ConfigDict:
       checkpoint_every_steps=0,  # 0 = once per epoch
       log_every_steps=20,
       max_to_keep=2,
+      keep_epoch_checkpoints=False,  # also keep every epoch's last checkpoint (LM snapshots)
       eval_max_batches=0,      # 0 = whole held-out split
       num_devices=0,           # data parallelism over this many devices; 0 = all visible
       checkpoint_every_minutes=10.0,  # also save when this much time passed since the last save
@@ -278,7 +279,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 RESUMABLE_KEYS = (
     "train.num_epochs", "train.max_steps", "train.eval_every_steps", "train.checkpoint_every_steps",
     "train.checkpoint_every_minutes", "train.log_every_steps", "train.eval_max_batches",
-    "train.max_to_keep", "train.num_devices", "train.on_nonfinite", "train.max_nonfinite_batches",
+    "train.max_to_keep", "train.keep_epoch_checkpoints", "train.num_devices", "train.on_nonfinite", "train.max_nonfinite_batches",
     "train.tensorboard", "train.prefetch_batches", "train.sync_every_step",  # same numbers either way
     "data.eval_batch_size", "data.test_split", "data.test_max_examples",
     "baseline.kind", "baseline.ngram_max", "baseline.C",  # scored after training, never trained on

@@ -103,6 +103,17 @@ def test_latest_step_and_max_to_keep(tmp_path):
       ckpt.save(5, make_state(5), force=True)
 
 
+def test_keep_steps_outlive_the_latest_window(tmp_path):
+  with Checkpointer(tmp_path, max_to_keep=1, keep_steps=[2, 4], async_save=False) as ckpt:
+    for step in range(1, 7):
+      ckpt.save(step, make_state(step))
+    assert ckpt.all_steps() == [2, 4, 6]
+  # Retention is the current run's: a rerun without them lets them go, as with max_to_keep.
+  with Checkpointer(tmp_path, max_to_keep=1, async_save=False) as ckpt:
+    ckpt.save(7, make_state(7))
+    assert ckpt.all_steps() == [7]
+
+
 def test_resume_restores_the_latest_step(tmp_path):
   with Checkpointer(tmp_path) as ckpt:
     ckpt.save(3, make_state(3), {"epoch": 1})

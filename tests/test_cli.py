@@ -251,3 +251,15 @@ def test_missing_or_broken_config_file(tmp_path, capsys, content, needles):
   code, _, err = run(capsys, "pretrain", "--config", config, "--workdir", work)
   _assert_user_error(code, err, str(config), *needles)
   assert not work.exists()
+
+
+def test_keep_epoch_checkpoints_keeps_every_epoch_end(tmp_path):
+  """ULMFiT-style LM snapshots: a 3-epoch run keeps each epoch's last step, not only the latest."""
+  args = [a for a in LM_ARGS if not a.startswith("--config.train.max_steps")]
+  workdir = tmp_path / "lm"
+  assert cli.main(["jaxlm", "pretrain", *args, "--config.train.num_epochs=3",
+                   "--config.train.max_to_keep=1", "--config.train.keep_epoch_checkpoints=True",
+                   "--workdir", str(workdir)]) == 0
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  per_epoch = json.loads((workdir / "summary.json").read_text())["steps"] // 3
+  assert steps == [per_epoch, 2 * per_epoch, 3 * per_epoch]
