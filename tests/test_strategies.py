@@ -227,6 +227,37 @@ def test_schedule_drives_the_update():
                                     1 - (t - 10) * (1 - 1 / 32) / 90 for t in range(12)], rtol=1e-5)
 
 
+def test_a_skipped_batch_moves_the_schedule_and_nothing_else():
+  """`train.on_nonfinite=skip`: the schedule is a function of the global step, so a phase of
+  `optim.schedule_per_phase` still restarts on its epoch's first batch; Adam's bias-correction
+  count and moments stay where the last applied update left them."""
+  from jaxlm.train import steps
+  params = {"head": {"kernel": jnp.ones((2,))}}
+  plan = S.make_strategy(finetune_cfg("full"), params, LSTM)
+  tx = S.build_optimizer(optim_cfg(schedule="stlr", grad_clip=0.0, weight_decay=0.0), params,
+                         plan, total_steps=100)
+
+  def loss(params, batch, carry, rng, train, model_state=None):
+    value = jnp.sum(params["head"]["kernel"] ** 2) * batch["scale"]
+    return value, {"weight_sum": jnp.ones(())}, carry, model_state
+
+  step = steps.make_train_step(loss, tx)
+  state = steps.create_state(params, tx, seed=0)
+  state, _, _ = step(state, {"scale": jnp.ones(())})
+  before = jax.device_get(state)
+  state, metrics, _ = step(state, {"scale": jnp.array(jnp.nan)})
+  assert float(metrics["nonfinite"]) == 1.0
+  schedule_count = lambda s: int(s.opt_state[-1].count)  # build_optimizer's last: the schedule
+  assert schedule_count(before) == 1 and schedule_count(state) == 2 and int(state.step) == 2
+  np.testing.assert_array_equal(state.params["head"]["kernel"], before.params["head"]["kernel"])
+  adam = lambda s: [a for a in jax.tree.leaves(
+      s.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+      if isinstance(a, optax.ScaleByAdamState)]
+  for new, old in zip(adam(state), adam(before), strict=True):
+    assert int(new.count) == int(old.count) == 1
+    np.testing.assert_array_equal(new.mu["head"]["kernel"], old.mu["head"]["kernel"])
+
+
 def test_frozen_grads_are_not_computed(setup):
   model, params, batch = setup
   loss = loss_fn(model)

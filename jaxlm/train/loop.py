@@ -175,8 +175,8 @@ def fit(*, config, state, batches, hooks: Hooks, checkpointer, writer: metrics_l
     order, acting on each non-finite batch as the step that met it would have."""
     nonlocal total, skipped
     for (at, epoch, index), batch_metrics in window.fetch():
-      # The schedule counts applied updates: a skipped batch left the optimizer state as it was.
-      last.update(grad_norm=float(batch_metrics["grad_norm"]), count=at - 1 - skipped)
+      # The schedule counts steps, skipped batches included (steps.with_schedule_of).
+      last.update(grad_norm=float(batch_metrics["grad_norm"]), count=at - 1)
       if float(batch_metrics["nonfinite"]):
         skipped += 1
         if on_nonfinite == "stop" or skipped > max_nonfinite:

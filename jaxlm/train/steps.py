@@ -120,12 +120,30 @@ def classifier_loss(model, loss_kind: str, num_classes: int, inputs=None) -> Los
   return loss
 
 
+def _is_schedule_state(path, value) -> bool:
+  """Matches the count of optax's `ScaleByScheduleState` (its path's last key names the state)."""
+  return getattr(path[-1], "tuple_name", None) == "ScaleByScheduleState"
+
+
+def with_schedule_of(kept, updated):
+  """`kept` (the optimizer state a skipped batch left as it was) with the learning-rate schedule's
+  count of `updated` (one step on).
+
+  The schedule stays a function of the global step: a phase of a gradual unfreezing with
+  `optim.schedule_per_phase` restarts on its epoch's first batch however many batches were
+  skipped before it. Adam's own count (its bias correction) stays: no update was applied.
+  """
+  count = optax.tree.get(updated, "count", default=None, filtering=_is_schedule_state)
+  return kept if count is None else optax.tree.set(kept, _is_schedule_state, count=count)
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, trainable_mask=None):
   """Builds the jitted train step; `trainable_mask` (a bool pytree like params) freezes the rest.
 
   A batch whose loss or gradient norm is not finite changes nothing: params, optimizer state and
-  model state (batch statistics) keep their values (a select, exact otherwise) and its metrics are zeros except `nonfinite` = 1,
-  so the state the loop may checkpoint is never poisoned. The loop decides whether that stops the
+  model state (batch statistics) keep their values (a select, exact otherwise; only the
+  learning-rate schedule moves on, see `with_schedule_of`) and its metrics are zeros except
+  `nonfinite` = 1, so the state the loop may checkpoint is never poisoned. The loop decides whether that stops the
   run or only skips the batch (`config.train.on_nonfinite`).
   """
 
@@ -147,7 +165,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, trainable
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+    params, opt_state = keep(params, state.params), with_schedule_of(
+        keep(opt_state, state.opt_state), opt_state)
     model_state = keep(model_state, state.model_state)
     metrics = jax.tree.map(lambda m: jnp.where(finite, m, jnp.zeros_like(m)), metrics)
     metrics = dict(metrics, grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
