@@ -271,8 +271,10 @@ def _pretrain_summary(config, run) -> dict:
              "train_seconds": run["result"]["train_seconds"], "parameters":
              params_lib.count_params(run["state"].params), "vocab_size": task.tokenizer.vocab_size}
   distributed.once(checkpoint.write_json_atomic, run["workdir"] / "summary.json", summary)
+  per_word = (f"; per word {test['test_word_perplexity']:.2f}, <unk> {test['test_unk_rate']:.2%} "
+              "of targets" if "test_word_perplexity" in test else "")
   _log(f"test perplexity {test['test_perplexity']:.2f} (unigram baseline "
-       f"{test['unigram_perplexity']:.2f}) over {test['test_tokens']:,} tokens")
+       f"{test['unigram_perplexity']:.2f}) over {test['test_tokens']:,} tokens{per_word}")
   return summary
 
 
@@ -286,9 +288,10 @@ def lm_test_metrics(config, task, eval_step, params, devices) -> dict:
   test = tasks.evaluate_batches(eval_step, params, batches.epoch_batches(), devices, carry=carry)
   unigram = metrics.unigram_perplexity([task.train_batches.target_ids()], [batches.target_ids()],
                                        task.tokenizer.vocab_size)
+  words = task.kind.text_metrics(config, task.tokenizer, records, batches, test)
   return {"test_perplexity": test["perplexity"], "test_loss": test["loss"],
           "test_tokens": int(test["count"]), "test_reviews": len(records),
-          "unigram_perplexity": unigram}
+          "unigram_perplexity": unigram, **{f"test_{k}": v for k, v in words.items()}}
 
 
 def finetune(config, workdir, *, init_from=None, tokenizer_from=None, progress=True,

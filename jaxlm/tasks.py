@@ -74,7 +74,12 @@ class TaskKind:
     out = evaluate_batches(eval_step, params, batches.epoch_batches(), devices, carry=carry,
                            model_state=model_state)
     out["records"] = len(records)
+    out.update(self.text_metrics(config, tokenizer, records, batches, out))
     return out
+
+  def text_metrics(self, config, tokenizer, records, batches, out) -> dict:
+    """Metrics that need the held-out text beside the batch sums (none by default)."""
+    return {}
 
 
 class LMTask(TaskKind):
@@ -95,8 +100,29 @@ class LMTask(TaskKind):
   def stream(self, config):
     return config.data.lm_mode == "stream"
 
+  def text_metrics(self, config, tokenizer, records, batches, out) -> dict:
+    """Perplexity per whitespace word and the share of `<unk>` targets: what makes LMs with
+    different vocabularies (a word list, SentencePiece pieces) comparable on the same text.
+
+    exp(total NLL / (words + one <eos> per text)): per-review batches predict every token of each
+    text once, and its <eos>, so the total is the NLL of the whole text under any tokenizer. A
+    word-level LM still gets its `<unk>` targets for the price of one class (`unk_rate` says how
+    often). Stream batches drop the tail that fills no row: no per-word figure for them.
+    """
+    if self.stream(config) or tokenizer.bos_id is None or tokenizer.eos_id is None:
+      return {}
+    words = sum(len(r.text.split()) for r in records) + len(records)
+    targets = batches.target_ids()
+    unk = float(np.mean(targets == tokenizer.unk_id)) if tokenizer.unk_id is not None else 0.0
+    from jaxlm import metrics as metrics_lib
+    return {"words": words, "word_perplexity": metrics_lib.perplexity(
+        out["loss"] * out["count"], words), "unk_rate": unk}
+
   def describe(self, m):
-    return f"perplexity {m['perplexity']:.3f}, loss {m['loss']:.4f} over {int(m['count']):,} tokens"
+    words = (f"; per word {m['word_perplexity']:.2f} over {m['words']:,} words, <unk> "
+             f"{m['unk_rate']:.2%} of targets" if "word_perplexity" in m else "")
+    return (f"perplexity {m['perplexity']:.3f}, loss {m['loss']:.4f} over {int(m['count']):,} "
+            f"tokens{words}")
 
 
 class ClassifierTask(TaskKind):

@@ -146,6 +146,28 @@ def test_stream_lm_trains_and_evaluates(tmp_path):
   assert out["perplexity"] == pytest.approx(summary["test_perplexity"], rel=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["word", "sentencepiece"])
+def test_lm_perplexity_per_word_is_the_same_text_whatever_the_vocabulary(tmp_path, kind):
+  """exp(total NLL / (whitespace words + one <eos> per text)), by hand from the summary: the
+  figure that compares a word LM with a SentencePiece one (pieces per word > 1 lowers the
+  per-token perplexity, not this one)."""
+  config = lm_config(max_steps=3)
+  config.tokenizer.kind = kind
+  summary = commands.pretrain(config, tmp_path / "lm", progress=False)
+  records = tasks.read_split(config, config.data.test_split, labeled=False)
+  words = sum(len(r.text.split()) for r in records) + len(records)
+  assert summary["test_words"] == words
+  nll = np.log(summary["test_perplexity"]) * summary["test_tokens"]
+  assert summary["test_word_perplexity"] == pytest.approx(np.exp(nll / words), rel=1e-6)
+  assert 0 <= summary["test_unk_rate"] < 1
+  if kind == "sentencepiece":  # more pieces than words: per word is the larger figure
+    assert summary["test_tokens"] > words
+    assert summary["test_word_perplexity"] > summary["test_perplexity"]
+  out = commands.evaluate(tmp_path / "lm", split="test", which="latest")
+  assert out["word_perplexity"] == pytest.approx(summary["test_word_perplexity"], rel=1e-5)
+  assert out["unk_rate"] == summary["test_unk_rate"]
+
+
 def test_sampled_lm_reports_train_loss_not_perplexity(tmp_path):
   """exp(sampled training loss) is not a perplexity: train rows omit it, held-out rows are exact."""
   config = lm_config(max_steps=3)
