@@ -143,8 +143,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, trainable
   A batch whose loss or gradient norm is not finite changes nothing: params, optimizer state and
   model state (batch statistics) keep their values (a select, exact otherwise; only the
   learning-rate schedule moves on, see `with_schedule_of`) and its metrics are zeros except
-  `nonfinite` = 1, so the state the loop may checkpoint is never poisoned. The loop decides whether that stops the
-  run or only skips the batch (`config.train.on_nonfinite`).
+  `nonfinite` = 1, so the state the loop may checkpoint is never poisoned. The loop decides
+  whether that stops the run or only skips the batch (`config.train.on_nonfinite`).
   """
 
   def train_step(state: TrainState, batch, carry=None):
