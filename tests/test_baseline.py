@@ -43,6 +43,15 @@ def test_learns_a_separable_task_and_reports_what_it_ran(kind):
   assert abs(chance["accuracy"] - 0.5) < 0.12
 
 
+@pytest.mark.parametrize("kind", ["nb_logreg", "tfidf_logreg"])
+def test_refitting_gives_the_same_model_to_the_bit(kind):
+  # A run's summary and `evaluate --with_linear` fit the baseline separately: they must agree.
+  train, test = _reviews(400, 3), _reviews(100, 4)
+  first = baseline.fit(*train, kind=kind).probabilities(test[0], 2)
+  second = baseline.fit(*train, kind=kind).probabilities(test[0], 2)
+  np.testing.assert_array_equal(first, second)
+
+
 def test_more_than_two_classes_use_tfidf_and_one_class_is_skipped():
   texts = [f"topic{i % 3} word{i % 3} filler" for i in range(90)]
   labels = [i % 3 for i in range(90)]
