@@ -271,8 +271,7 @@ def _pretrain_summary(config, run) -> dict:
              "train_seconds": run["result"]["train_seconds"], "parameters":
              params_lib.count_params(run["state"].params), "vocab_size": task.tokenizer.vocab_size}
   distributed.once(checkpoint.write_json_atomic, run["workdir"] / "summary.json", summary)
-  per_word = (f"; per word {test['test_word_perplexity']:.2f}, <unk> {test['test_unk_rate']:.2%} "
-              "of targets" if "test_word_perplexity" in test else "")
+  per_word = tasks.per_word_phrase({k.removeprefix("test_"): v for k, v in test.items()})
   _log(f"test perplexity {test['test_perplexity']:.2f} (unigram baseline "
        f"{test['unigram_perplexity']:.2f}) over {test['test_tokens']:,} tokens{per_word}")
   return summary

@@ -119,10 +119,16 @@ class LMTask(TaskKind):
         out["loss"] * out["count"], words), "unk_rate": unk}
 
   def describe(self, m):
-    words = (f"; per word {m['word_perplexity']:.2f} over {m['words']:,} words, <unk> "
-             f"{m['unk_rate']:.2%} of targets" if "word_perplexity" in m else "")
     return (f"perplexity {m['perplexity']:.3f}, loss {m['loss']:.4f} over {int(m['count']):,} "
-            f"tokens{words}")
+            f"tokens{per_word_phrase(m)}")
+
+
+def per_word_phrase(m: dict) -> str:
+  """'; per word P over W words, <unk> U of targets' from `LMTask.text_metrics`'s keys, or ''."""
+  if "word_perplexity" not in m:
+    return ""
+  return (f"; per word {m['word_perplexity']:.2f} over {m['words']:,} words, <unk> "
+          f"{m['unk_rate']:.2%} of targets")
 
 
 class ClassifierTask(TaskKind):
