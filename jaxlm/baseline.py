@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from jaxlm import metrics
 from jaxlm.errors import ConfigError
 
 KINDS = ("nb_logreg", "tfidf_logreg", "none")
@@ -135,10 +136,9 @@ def fit_and_score(train_texts: Sequence[str], train_labels: Sequence[int],
   y_test = np.asarray(test_labels)
   probs = linear.probabilities(test_texts, max(int(linear.model.classes_.max()) + 1,
                                                int(y_test.max(initial=0)) + 1))
-  picked = np.clip(probs[np.arange(len(y_test)), y_test], 1e-15, 1.0)
+  scores = metrics.probability_scores(probs, y_test)
   return {"kind": linear.kind, "ngram_max": ngram_max, "C": C, "features": linear.features,
-          "accuracy": float(np.mean(np.argmax(probs, axis=1) == y_test)),
-          "loss": float(-np.mean(np.log(picked))),
+          "accuracy": scores["accuracy"], "loss": scores["loss"],
           "train_examples": len(train_texts), "test_examples": len(test_texts),
           "seconds": time.perf_counter() - t0}
 

@@ -19,7 +19,7 @@ import pathlib
 
 import numpy as np
 
-from jaxlm import checkpoint, tasks
+from jaxlm import checkpoint, metrics, tasks
 from jaxlm.errors import ConfigError
 
 
@@ -84,18 +84,8 @@ def evaluate(workdirs, *, split: str = "test", which: str = "best", max_examples
   records = tasks.read_split(configs[0], split, labeled=True, max_examples=max_examples)
   labels = np.array([r.label for r in records])
   mean, each = probabilities(paths, [r.text for r in records], which=which, linear=linear)
-  out = _scores(mean, labels)
+  out = metrics.probability_scores(mean, labels)
   names = [str(p) for p in paths] + ([linear.describe()] if linear else [])
-  out["members"] = [dict(workdir=name, **{k: v for k, v in _scores(m, labels).items()
-                                          if k != "confusion"}) for name, m in zip(names, each)]
+  out["members"] = [dict(workdir=name, **{k: v for k, v in metrics.probability_scores(
+      m, labels).items() if k != "confusion"}) for name, m in zip(names, each)]
   return out
-
-
-def _scores(probs: np.ndarray, labels: np.ndarray) -> dict:
-  k = probs.shape[1]
-  predicted = np.argmax(probs, axis=1)
-  confusion = np.zeros((k, k), int)
-  np.add.at(confusion, (labels, predicted), 1)
-  picked = np.clip(probs[np.arange(len(labels)), labels], 1e-15, 1.0)  # as baseline.fit_and_score
-  return {"accuracy": float(np.mean(predicted == labels)), "loss": float(-np.mean(np.log(picked))),
-          "count": float(len(labels)), "confusion": confusion.tolist()}

@@ -84,6 +84,19 @@ def summarize(total: Mapping) -> dict:
   return out
 
 
+def probability_scores(probs: np.ndarray, labels: np.ndarray) -> dict:
+  """Accuracy, mean log loss and confusion matrix of [N, classes] probabilities: how an ensemble
+  and the linear baseline, which give probabilities rather than batch sums, are scored."""
+  labels = np.asarray(labels)
+  k = probs.shape[1]
+  predicted = np.argmax(probs, axis=1)
+  confusion = np.zeros((k, k), int)
+  np.add.at(confusion, (labels, predicted), 1)
+  picked = np.clip(probs[np.arange(len(labels)), labels], 1e-15, 1.0)
+  return {"accuracy": float(np.mean(predicted == labels)), "loss": float(-np.mean(np.log(picked))),
+          "count": float(len(labels)), "confusion": confusion.tolist()}
+
+
 def unigram_perplexity(train_ids: Iterable[np.ndarray], test_ids: Iterable[np.ndarray],
                        vocab_size: int) -> float:
   """Perplexity of an add-one-smoothed unigram model: the floor an LM must beat to mean anything."""
