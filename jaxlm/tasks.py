@@ -269,8 +269,9 @@ def encode(config, tokenizer, texts: list[str], max_len: int | None = None) -> l
   """Token ids of each text, in reading order, or last token first with `data.reverse` (a
   backward model: ULMFiT pairs a forward and a backward LM and averages their classifiers).
 
-  `max_len` (classifiers) cuts each text by `data.truncate` *before* it is reversed, so a forward
-  and a backward model read the same part of a long text.
+  `max_len` (classifiers: the length their batches cut to, see `classifier_length`) cuts each
+  text by `data.truncate` *before* it is reversed, so a forward and a backward model read the same
+  part of a long text.
   """
   ids = tokenizer.encode_batch(texts)
   if config.data.get("reverse", False):
@@ -292,9 +293,16 @@ def lm_batches(config, tokenizer, texts: list[str], *, shuffle: bool, seed: int,
                                   shuffle=shuffle, seed=seed)
 
 
+def classifier_length(config) -> int | None:
+  """The length a classifier's batches cut a text to: `data.max_len` or the largest bucket,
+  whichever is smaller (`batching.effective_buckets`); None when neither is set."""
+  limits = [int(x) for x in (config.data.max_len, max(config.data.buckets or (), default=0)) if x]
+  return min(limits) if limits else None
+
+
 def classification_batches(config, tokenizer, records: list, *, shuffle: bool, seed: int,
                            batch_size: int | None = None, include_index: bool = False):
-  ids = encode(config, tokenizer, [r.text for r in records], max_len=config.data.max_len)
+  ids = encode(config, tokenizer, [r.text for r in records], max_len=classifier_length(config))
   labels = np.array([r.label for r in records], dtype=np.int32)
   return batching.ClassificationBatches(ids, labels, batch_size=batch_size or config.data.batch_size,
                                         buckets=tuple(config.data.buckets), max_len=config.data.max_len,

@@ -61,13 +61,14 @@ def test_a_backward_classifier_reads_the_same_part_of_a_long_text():
   backward model of an ensemble see the same window of a long review."""
   tok = _tokenizer()
   text = " ".join(["a"] * 6 + ["b"] * 6 + ["c"] * 6)
-  for how in ("head", "tail", "head_tail"):
+  cases = [(how, max_len) for how in ("head", "tail", "head_tail") for max_len in (8, 12, None)]
+  for how, max_len in cases:  # max_len above the largest bucket (or none): the bucket cuts
     config = config_lib.classifier_config()
-    config.data.update(truncate=how, max_len=8, buckets=(8,), batch_size=1)
+    config.data.update(truncate=how, max_len=max_len, buckets=(8,), batch_size=1)
     records = [tasks.sources.Record(text, 1)]
     fwd = next(iter(tasks.classification_batches(config, tok, records, shuffle=False,
                                                  seed=0).epoch_batches()))["tokens"][0]
     config.data.reverse = True
     bwd = next(iter(tasks.classification_batches(config, tok, records, shuffle=False,
                                                  seed=0).epoch_batches()))["tokens"][0]
-    np.testing.assert_array_equal(bwd, fwd[::-1], err_msg=how)
+    np.testing.assert_array_equal(bwd, fwd[::-1], err_msg=f"{how} max_len={max_len}")
