@@ -176,19 +176,23 @@ def effective_buckets(buckets: Sequence[int] | None, max_len: int | None,
 
 
 def bucket_plan(bucket_of: np.ndarray, num_buckets: int, batch_size: int, drop_remainder: bool,
-                rng: np.random.Generator | None) -> list[tuple[int, np.ndarray]]:
+                rng: np.random.Generator | None, min_rows: int = 1) -> list[tuple[int, np.ndarray]]:
   """Groups example indices into batches of one bucket each: a list of (bucket, indices).
 
   Without `rng` the order is bucket by bucket, examples in their original order (eval: every
   example exactly once). With `rng` examples are shuffled within their bucket and the batches of
-  all buckets are shuffled together, so an epoch mixes lengths.
+  all buckets are shuffled together, so an epoch mixes lengths. A bucket's last, partial batch is
+  dropped with `drop_remainder`, or when it has fewer than `min_rows` examples (a batch-normalised
+  head learns nothing from one row and its variance is 0; with `rng` the dropped example changes
+  from epoch to epoch).
   """
   plan = []
   for bucket in range(num_buckets):
     members = np.flatnonzero(bucket_of == bucket)
     if rng is not None:
       members = rng.permutation(members)
-    stop = len(members) - len(members) % batch_size if drop_remainder else len(members)
+    rest = len(members) % batch_size
+    stop = len(members) - rest if drop_remainder or rest < min_rows else len(members)
     plan.extend((bucket, members[start:start + batch_size]) for start in range(0, stop, batch_size))
   if rng is not None:
     plan = [plan[i] for i in rng.permutation(len(plan))]
@@ -196,10 +200,11 @@ def bucket_plan(bucket_of: np.ndarray, num_buckets: int, batch_size: int, drop_r
 
 
 def count_batches(bucket_of: np.ndarray, num_buckets: int, batch_size: int,
-                  drop_remainder: bool) -> int:
+                  drop_remainder: bool, min_rows: int = 1) -> int:
+  """How many batches `bucket_plan` makes."""
   sizes = np.bincount(bucket_of, minlength=num_buckets)
-  per_bucket = sizes // batch_size if drop_remainder else -(-sizes // batch_size)
-  return int(per_bucket.sum())
+  partial = (sizes % batch_size >= max(min_rows, 1)) & (not drop_remainder)
+  return int((sizes // batch_size + partial).sum())
 
 
 def _check_batch_size(batch_size: int) -> int:
@@ -218,19 +223,20 @@ class _BucketedBatches(ResumableBatches):
   """Bucketed iteration over a list of variable-length examples (classification, review LM)."""
 
   def __init__(self, lengths: np.ndarray, *, batch_size: int, buckets, max_len, shuffle: bool,
-               seed: int, drop_remainder: bool, what: str):
+               seed: int, drop_remainder: bool, what: str, min_rows: int = 1):
     super().__init__(seed)
     self.batch_size = _check_batch_size(batch_size)
     if max_len is not None and int(max_len) < 1:
       raise ConfigError(f"config.data.max_len must be >= 1, got {max_len}")
     self.shuffle = bool(shuffle)
     self.drop_remainder = bool(drop_remainder)
+    self.min_rows = int(min_rows)
     self.buckets = effective_buckets(buckets, max_len, int(lengths.max(initial=1)))
     # Lengths beyond the largest bucket are truncated to it; empty examples count as length 1.
     self.lengths = np.clip(lengths, 1, self.buckets[-1]).astype(np.int32)
     self.bucket_of = np.searchsorted(np.asarray(self.buckets), self.lengths)
     self._num_batches = count_batches(self.bucket_of, len(self.buckets), self.batch_size,
-                                      self.drop_remainder)
+                                      self.drop_remainder, self.min_rows)
     _check_nonempty(self._num_batches, len(lengths), self.batch_size, what)
 
   @property
@@ -243,7 +249,8 @@ class _BucketedBatches(ResumableBatches):
 
   def _plan(self, epoch: int):
     rng = self._rng(epoch) if self.shuffle else None
-    return bucket_plan(self.bucket_of, len(self.buckets), self.batch_size, self.drop_remainder, rng)
+    return bucket_plan(self.bucket_of, len(self.buckets), self.batch_size, self.drop_remainder, rng,
+                       self.min_rows)
 
   def _fingerprint(self) -> dict:
     return dict(num_examples=self.num_examples, batch_size=self.batch_size,
@@ -289,7 +296,7 @@ class ClassificationBatches(_BucketedBatches):
   def __init__(self, ids: Sequence[np.ndarray], labels, batch_size: int, *,
                buckets: Sequence[int] | None = DEFAULT_BUCKETS, max_len: int | None = None,
                pad_id: int, shuffle: bool, seed: int = 0, drop_remainder: bool = False,
-               truncate: str = "head", include_index: bool = False):
+               truncate: str = "head", include_index: bool = False, min_rows: int = 1):
     if pad_id is None:
       raise ConfigError("classification batches need a pad id: the tokenizer has no <pad>")
     if truncate not in TRUNCATIONS:
@@ -307,7 +314,8 @@ class ClassificationBatches(_BucketedBatches):
     self.include_index = bool(include_index)
     super().__init__(np.fromiter((len(x) for x in self.ids), np.int64, len(self.ids)),
                      batch_size=batch_size, buckets=buckets, max_len=max_len, shuffle=shuffle,
-                     seed=seed, drop_remainder=drop_remainder, what="classification batches")
+                     seed=seed, drop_remainder=drop_remainder, what="classification batches",
+                     min_rows=min_rows)
 
   def _make_batch(self, plan, index: int) -> dict[str, np.ndarray]:
     bucket, members = plan[index]

@@ -302,13 +302,16 @@ def classifier_length(config) -> int | None:
 
 def classification_batches(config, tokenizer, records: list, *, shuffle: bool, seed: int,
                            batch_size: int | None = None, include_index: bool = False):
+  """Training batches (`shuffle`) of a batch-normalised head never hold a single real row: its
+  batch variance would be 0 and the row's gradient too (PyTorch refuses such a batch)."""
   ids = encode(config, tokenizer, [r.text for r in records], max_len=classifier_length(config))
+  min_rows = 2 if shuffle and config.model.get("head_batchnorm", False) else 1
   labels = np.array([r.label for r in records], dtype=np.int32)
   return batching.ClassificationBatches(ids, labels, batch_size=batch_size or config.data.batch_size,
                                         buckets=tuple(config.data.buckets), max_len=config.data.max_len,
                                         pad_id=tokenizer.pad_id, shuffle=shuffle, seed=seed,
                                         truncate=config.data.get("truncate", "head"),
-                                        include_index=include_index)
+                                        include_index=include_index, min_rows=min_rows)
 
 
 def evaluate_batches(eval_step, params, batch_iter, devices, *, carry=None, max_batches: int = 0,

@@ -129,6 +129,20 @@ def test_classification_drop_remainder():
     _clf(_docs(3), drop_remainder=True)
 
 
+def test_min_rows_drops_a_lone_remainder_row_and_a_different_one_each_epoch():
+  """Buckets of 9 examples with batch size 8 leave one-row batches; `min_rows=2` (a
+  batch-normalised head's training batches) drops them, and a shuffled epoch drops another row."""
+  docs = [np.arange(n, dtype=np.int32) + 1000 * (i + 1) for i, n in enumerate([10] * 9 + [100] * 9)]
+  every = _clf(docs, include_index=True)
+  assert len(every) == 4 and min(b["weights"].sum() for b in _epoch(every)) == 1
+  it = _clf(docs, include_index=True, min_rows=2)
+  assert len(it) == 2 and len(_epoch(it)) == 2
+  dropped = [set(range(18)) - set(np.concatenate([b["index"][b["weights"] > 0] for b in _epoch(it, e)]))
+             for e in range(4)]
+  assert all(len(d) == 2 for d in dropped) and len({frozenset(d) for d in dropped}) > 1
+  assert len(_clf(docs, include_index=True, min_rows=2, shuffle=False)) == 2
+
+
 # -- resumption -------------------------------------------------------------------------------
 
 

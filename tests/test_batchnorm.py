@@ -106,6 +106,27 @@ def test_filler_rows_stay_out_of_the_statistics():
                          real_only["batch_stats/head/bn_in/mean"], atol=1e-4)
 
 
+def test_training_batches_never_hold_a_lone_row_but_evaluation_sees_every_example():
+  """One real row has batch variance 0 and gets no gradient through the normalisation (PyTorch
+  refuses such a batch): a BN head's training batches drop a bucket's lone remainder row."""
+  config = bn_config()
+  config.data.update(batch_size=4, buckets=(8,), max_len=8)
+  tok = _tokenizer_for(config)
+  records = [tasks.sources.Record("a b c", i % 2) for i in range(9)]  # 2 full batches + 1 row
+  train = tasks.classification_batches(config, tok, records, shuffle=True, seed=0)
+  assert [int(b["weights"].sum()) for b in train.iter_epoch(0)] == [4, 4]
+  held_out = tasks.classification_batches(config, tok, records, shuffle=False, seed=0)
+  assert sorted(int(b["weights"].sum()) for b in held_out.iter_epoch(0)) == [1, 4, 4]
+  config.model.head_batchnorm = False
+  plain = tasks.classification_batches(config, tok, records, shuffle=True, seed=0)
+  assert sorted(int(b["weights"].sum()) for b in plain.iter_epoch(0)) == [1, 4, 4]
+
+
+def _tokenizer_for(config):
+  from jaxlm import tokenizers
+  return tokenizers.build_tokenizer(config.tokenizer, ["a b c d"])
+
+
 def _trained_state(model, family, loss, steps_=3):
   """Params and statistics after a few real train steps (running averages away from 0 and 1)."""
   rng = np.random.default_rng(1)
