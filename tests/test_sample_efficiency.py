@@ -50,7 +50,7 @@ def test_both_arms_the_same_search_and_a_resumable_table(lm, tmp_path, capsys):
   for arm in ("pretrained", "scratch"):
     tried = row[arm]["tried"]
     assert [t["recipe"] for t in tried] == ["full_lr0.001", "gradual_lr0.001"]
-    best = max(tried, key=lambda t: t["valid_accuracy"])
+    best = script._pick(tried)
     assert row[arm]["recipe"] == best["recipe"] and 0 <= row[arm]["test_accuracy"] <= 1
     summary = json.loads((pathlib.Path(best["workdir"]) / "summary.json").read_text())
     assert summary["train_records"] == 18  # 24 labels minus the 25% hold-out
@@ -67,6 +67,38 @@ def test_both_arms_the_same_search_and_a_resumable_table(lm, tmp_path, capsys):
   capsys.readouterr()
   assert script.run(args) == 0
   assert {p: p.stat().st_mtime_ns for p in (tmp_path / "se").rglob("summary.json")} == stamps
+
+
+def test_a_workdir_of_another_recipe_is_refused_not_reused(lm, tmp_path, capsys):
+  """Rerunning into the same --workdir with other epochs or another override would otherwise
+  report the old runs as the new experiment."""
+  pytest.importorskip("sklearn")
+  script = _script()
+  args = _args(lm, tmp_path / "se")
+  args[args.index("--config") + 1] += ":finetune"
+  args[args.index("--sizes") + 1] = "16"
+  assert script.run(args) == 0
+  stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "se").rglob("summary.json")}
+  for change, key in ((["--epochs", "2"], "train.num_epochs: 1 -> 2"),
+                      (["--set", "optim.weight_decay=0.5"], "optim.weight_decay")):
+    changed = list(args)
+    if change[0] in changed:
+      changed[changed.index(change[0]) + 1] = change[1]
+    else:
+      changed += change
+    capsys.readouterr()
+    assert script.run(changed) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another recipe" in err[0] and key in err[0], err
+  assert {p: p.stat().st_mtime_ns for p in (tmp_path / "se").rglob("summary.json")} == stamps
+
+
+def test_a_validation_tie_goes_to_the_lower_loss():
+  script = _script()
+  tried = [{"valid_accuracy": 0.85, "valid_loss": 0.40}, {"valid_accuracy": 0.85, "valid_loss": 0.30},
+           {"valid_accuracy": 0.80, "valid_loss": 0.10}]
+  assert script._pick(tried) is tried[1]
+  assert script._best_valid({"best_valid": {"value": 0.9, "loss": 0.2}}, "loss") == 0.2
 
 
 def test_a_bad_override_is_one_line(lm, tmp_path, capsys):
