@@ -90,6 +90,18 @@ def _start_over(workdir: pathlib.Path) -> None:
       path.unlink()
 
 
+def _schedule_change(saved, config) -> str:
+  """A resumed run may change its length (RESUMABLE_KEYS), but a decaying schedule is a function
+  of the length: say that the rate now follows the new one rather than continuing the old."""
+  keys = ("num_epochs", "max_steps")
+  old, new = ([int(c.train.get(k) or 0) for k in keys] for c in (saved, config))
+  if old == new or config.optim.schedule == "constant":
+    return ""
+  change = "; ".join(f"train.{k} {a} -> {b}" for k, a, b in zip(keys, old, new) if a != b)
+  return (f"; {change}: the {config.optim.schedule} learning-rate schedule now spans the new "
+          "length, so the rate jumps to where that schedule is at this step")
+
+
 def _total_steps(config, task) -> int:
   per_epoch = task.train_batches.num_batches_per_epoch
   return config.train.max_steps or config.train.num_epochs * per_epoch
@@ -166,9 +178,10 @@ def _train_locked(config, workdir, task, resuming, init_params, graft_map, progr
     if carry is not None:  # rows of the carried state go where the rows of the batches go
       carry = devices.shard_batch(carry)
     state = steps.TrainState(**restored)
+    note = _schedule_change(checkpoint.load_config(workdir), config)
     # The resumable keys it changed: what runs now.
     distributed.once(checkpoint.save_config, workdir, config)
-    _log(f"resuming {workdir} from step {int(state.step)} (epoch {meta.get('epoch', 0) + 1})")
+    _log(f"resuming {workdir} from step {int(state.step)} (epoch {meta.get('epoch', 0) + 1}){note}")
   else:
     distributed.once(_write_run_files, workdir, config, task.tokenizer, report)
   state = devices.replicated(state)

@@ -111,13 +111,24 @@ def test_resume_with_a_changed_config_is_refused(tmp_path, capsys):
   assert (work / "config.json").read_text() == before
   # Changing how long it runs is a resume, and config.json then says what ran.
   code, out, err = run(capsys, *CLF, "--config.train.num_epochs=2", "--workdir", work)
-  assert code == 0 and "resuming" in out, err
+  assert code == 0 and "resuming" in out and "schedule" not in out, err  # a constant rate
   assert json.loads((work / "config.json").read_text())["train"]["num_epochs"] == 2
   # --overwrite starts over with the new config.
   code, out, err = run(capsys, *CLF, "--config.train.num_epochs=1", "--config.optim.learning_rate=0.5",
                        "--overwrite", "--workdir", work)
   assert code == 0 and "resuming" not in out, err
   assert json.loads((work / "config.json").read_text())["optim"]["learning_rate"] == 0.5
+
+
+def test_a_longer_resume_says_that_a_decaying_schedule_is_rebuilt(tmp_path, capsys):
+  """A resumed run may run longer, but cosine or STLR over 2 epochs is not the 1-epoch schedule
+  continued: the rate jumps back up, and the resume line says so."""
+  work, cosine = tmp_path / "run", "--config.optim.schedule=cosine"
+  assert run(capsys, *CLF, cosine, "--config.train.num_epochs=1", "--workdir", work)[0] == 0
+  code, out, err = run(capsys, *CLF, cosine, "--config.train.num_epochs=2", "--workdir", work)
+  assert code == 0, err
+  (line,) = [x for x in out.splitlines() if x.startswith("resuming")]
+  assert "train.num_epochs 1 -> 2: the cosine learning-rate schedule now spans the new length" in line
 
 
 def test_a_second_process_is_refused_and_stale_locks_are_taken(tmp_path, capsys):
