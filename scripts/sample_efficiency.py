@@ -150,7 +150,8 @@ def _check_same_recipe(workdir: pathlib.Path, config, init_from) -> None:
   if saved.train.num_epochs != config.train.num_epochs:
     changes.append(f"train.num_epochs: {saved.train.num_epochs} -> {config.train.num_epochs}")
   summary = _finished(workdir) or {}
-  if summary and str(summary.get("init_from") or "") != str(init_from or ""):
+  where = lambda path: pathlib.Path(path).resolve() if path else None
+  if summary and where(summary.get("init_from")) != where(init_from):
     changes.append(f"init_from: {summary.get('init_from')} -> {init_from}")
   if changes:
     raise ConfigError(f"{workdir} holds a run of another recipe ({'; '.join(changes)}); "
